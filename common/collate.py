@@ -1,0 +1,116 @@
+"""Batching: dynamic padding, length-grouped training order, length-sorted evaluation order."""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+# Padding values per key; keys not listed are stacked as they are (scalar labels, row ids).
+PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": -100,
+              "special_tokens_mask": 1, "word_ids": -1}
+
+
+class PadCollator:
+    """Pads variable-length features to the longest in the batch (rounded up to `multiple`),
+    or to `fixed_length` (XLA wants static shapes). Ragged keys are the list-valued ones."""
+
+    def __init__(self, pad_token_id: int, multiple: Optional[int] = None, fixed_length: Optional[int] = None,
+                 keys: Optional[Sequence[str]] = None):
+        self.pad_values = dict(PAD_VALUES, input_ids=pad_token_id)
+        self.multiple = multiple
+        self.fixed_length = fixed_length
+        self.keys = keys
+
+    def target_length(self, longest: int) -> int:
+        if self.fixed_length:
+            return self.fixed_length
+        if self.multiple:
+            return int(math.ceil(longest / self.multiple) * self.multiple)
+        return longest
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        keys = self.keys or [k for k in features[0] if k in self.pad_values or k in ("row_id", "labels")]
+        batch: dict[str, torch.Tensor] = {}
+        length = None
+        for key in keys:
+            values = [f[key] for f in features]
+            if isinstance(values[0], (list, np.ndarray)):
+                if length is None:
+                    length = self.target_length(max(len(v) for v in values))
+                pad = self.pad_values.get(key, 0)
+                arr = np.full((len(values), length), pad, dtype=np.int64)
+                for i, v in enumerate(values):
+                    arr[i, : len(v)] = v
+                batch[key] = torch.from_numpy(arr)
+            else:
+                dtype = torch.float32 if isinstance(values[0], float) else torch.long
+                batch[key] = torch.tensor(values, dtype=dtype)
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order in which consecutive `batch_size` indices have similar lengths.
+
+    Each epoch: shuffle all indices (seeded by seed + epoch), cut into mega-batches of
+    `batch_size * group` indices, sort each by length, cut into batches, shuffle the order of the
+    full batches (the one short batch, if any, stays last so batch boundaries never move).
+    Same seed and epoch => same order on every process, which accelerate's sharding relies on.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 50, shuffle_batches: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group
+        self.shuffle_batches = shuffle_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        mega = self.batch_size * self.group
+        chunks = [order[i: i + mega] for i in range(0, len(order), mega)]
+        chunks = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
+        flat = np.concatenate(chunks)
+        n_full = len(flat) // self.batch_size
+        batches = [flat[i * self.batch_size: (i + 1) * self.batch_size] for i in range(n_full)]
+        rest = flat[n_full * self.batch_size:]
+        if self.shuffle_batches:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if len(rest):
+            batches.append(rest)
+        return iter(np.concatenate(batches).tolist() if batches else [])
+
+
+class SeededRandomSampler(Sampler[int]):
+    """A plain random permutation per epoch, derived from (seed, epoch) alone: resuming in the
+    middle of an epoch replays the very same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+
+def length_sorted(dataset, length_column: str = "length"):
+    """Evaluation order: longest first, so batches pad little; predictions carry `row_id` back."""
+    lengths = np.asarray(dataset[length_column])
+    return dataset.select(np.argsort(-lengths, kind="stable"))

@@ -1,0 +1,39 @@
+"""User-facing errors: one clear sentence, a non-zero exit, no traceback."""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Callable, Iterable, Sequence
+
+# Exit codes the scripts use (documented in the README).
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGINT; rerun to resume.
+
+
+class UserError(Exception):
+    """A mistake in the command line, the data or the environment that the user can fix.
+
+    The message is shown as is, without a traceback, and the process exits with EXIT_USER_ERROR.
+    """
+
+
+def closest(name: str, candidates: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' when a candidate is close to `name`, else ''."""
+    match = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def fmt_columns(columns: Sequence[str]) -> str:
+    return ", ".join(f"'{c}'" for c in columns)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run a script's `main`, turning UserError into one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        # Every rank raises the same error; print it once per machine.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

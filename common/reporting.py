@@ -1,0 +1,140 @@
+"""Everything a run writes into output_dir besides checkpoints: results.json, the resolved
+settings, log history, predictions and a model card. JSON only, never pickle; atomic writes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+RESULTS = "results.json"
+LOG_HISTORY = "log_history.jsonl"
+RESOLVED = "training_args.yaml"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars -> python, NaN/inf -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (ValueError, AttributeError):
+            obj = obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> None:
+    """Fail before anything is written: a non-empty output_dir needs --overwrite_output_dir (or a resume),
+    and the folder must be creatable and writable."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir '{output_dir}' is a file; pass a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        finished = os.path.isfile(os.path.join(output_dir, RESULTS))
+        if resume is None:
+            raise UserError(f"--output_dir '{output_dir}' is not empty; pass --overwrite_output_dir to replace it, "
+                            "--resume_from_checkpoint latest to continue it, or choose another folder.")
+        if finished and resume == "latest" and not os.path.isdir(os.path.join(output_dir, "checkpoints")):
+            raise UserError(f"--output_dir '{output_dir}' holds a finished run with no checkpoints to resume; "
+                            "pass --overwrite_output_dir or choose another folder.")
+    probe = output_dir
+    while not os.path.isdir(probe):
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == probe:
+            break
+        probe = parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"--output_dir '{output_dir}' is not writable (no write permission on '{probe}').")
+    free = shutil.disk_usage(probe).free
+    if free < 50 * 2**20:
+        raise UserError(f"--output_dir '{output_dir}' is on a disk with only {free // 2**20} MiB free; "
+                        "free some space or choose another folder.")
+
+
+def start_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main: bool) -> None:
+    """Create output_dir; a fresh (non-resumed) run clears what an earlier run left there."""
+    if not is_main:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    if overwrite and not resuming:
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    elif not resuming:
+        for stale in (LOG_HISTORY, RESULTS):
+            if os.path.exists(os.path.join(output_dir, stale)):
+                os.unlink(os.path.join(output_dir, stale))
+
+
+class LogWriter:
+    """Appends each log record to output_dir/log_history.jsonl (main process only)."""
+
+    def __init__(self, output_dir: str, keep_until_step: Optional[int] = None):
+        self.path = os.path.join(output_dir, LOG_HISTORY)
+        if keep_until_step is not None and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as fh:
+                kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            write_text_atomic(self.path, "".join(kept))
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_clean(record)) + "\n")
+
+
+def save_resolved_config(output_dir: str, settings: dict) -> None:
+    write_text_atomic(os.path.join(output_dir, RESOLVED),
+                      "# Resolved settings of this run; reusable with --config.\n"
+                      + yaml.safe_dump(_clean(settings), sort_keys=False))
+
+
+def write_model_card(output_dir: str, *, task: str, base_model: str, data: str, results: dict,
+                     labels: Optional[list] = None, pipeline_task: str, example: str) -> None:
+    lines = [f"# {os.path.basename(os.path.abspath(output_dir))}", "",
+             f"Fine-tuned from `{base_model}` for {task} on {data}.", ""]
+    if labels:
+        lines += [f"Labels: {', '.join(map(str, labels))}.", ""]
+    for split in ("eval", "test"):
+        metrics = results.get(split) or {}
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars:
+            lines += [f"## {split} metrics", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+            lines.append("")
+    setup = results.get("setup", {})
+    lines += ["## Training", "",
+              f"{setup.get('num_processes', 1)} process(es), {setup.get('distributed_type', '')}, "
+              f"mixed precision {setup.get('mixed_precision', '')}, device {setup.get('device', '')}; "
+              f"{results.get('train', {}).get('global_step', '?')} optimizer steps in "
+              f"{results.get('train', {}).get('train_runtime', 0):.1f} s. Settings: `training_args.yaml`.", "",
+              "## Use", "", "```python", "from transformers import pipeline",
+              f"pipe = pipeline({pipeline_task!r}, model={output_dir!r})", example, "```", ""]
+    write_text_atomic(os.path.join(output_dir, "README.md"), "\n".join(lines))

@@ -1,0 +1,125 @@
+"""Bad input: one clear sentence naming the file/column/row/flag, a non-zero exit, nothing written."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from conftest import FAST, run_script, toy_sentence, write_csv
+
+import train_cls
+from common.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    rng = random.Random(5)
+    good = [(toy_sentence(rng, y), y) for y in [0, 1] * 20]
+    f = {
+        "good": write_csv(d / "good.csv", ["sentence", "label"], good),
+        "ambiguous": write_csv(d / "amb.csv", ["id", "text", "label"], [(i, s, y) for i, (s, y) in enumerate(good)]),
+        "null_text": write_csv(d / "null.csv", ["sentence", "label"], good[:5] + [("", 1)] + good[5:]),
+        "nan_label": write_csv(d / "nanl.csv", ["sentence", "label"], good[:3] + [("a b", "")] + good[3:]),
+        "inf_label": write_csv(d / "infl.csv", ["sentence", "label"], good[:3] + [("a b", "inf")] + good[3:]),
+        "one_class": write_csv(d / "one.csv", ["sentence", "label"], [(s, 1) for s, _ in good]),
+        "header_only": write_csv(d / "header.csv", ["sentence", "label"], []),
+        "no_label": write_csv(d / "nolabel.csv", ["sentence", "target"], good),
+        "labelz": write_csv(d / "labelz.csv", ["sentence", "labl"], good),
+    }
+    (d / "empty.csv").write_text("")
+    f["empty"] = str(d / "empty.csv")
+    (d / "data.xlsx").write_text("x")
+    f["xlsx"] = str(d / "data.xlsx")
+    (d / "latin1.csv").write_bytes("sentence,label\ncaf\xe9 good,1\nbad film,0\n".encode("latin-1"))
+    f["latin1"] = str(d / "latin1.csv")
+    (d / "broken.json").write_text('[{"sentence": "a", "label": 1}, {"sentence": ')
+    f["broken_json"] = str(d / "broken.json")
+    return f
+
+
+CASES = [
+    # (id, train key or literal, extra args, expected message fragment)
+    ("missing file", "/nonexistent/train.csv", [], "--train_file '/nonexistent/train.csv' does not exist"),
+    ("unknown extension", "xlsx", [], "unsupported extension '.xlsx'"),
+    ("empty file", "empty", [], "is empty"),
+    ("header only", "header_only", [], "has a header but no rows"),
+    ("not utf-8", "latin1", [], "is not UTF-8"),
+    ("malformed json", "broken_json", [], "could not be parsed as json"),
+    ("ambiguous columns", "ambiguous", [], "text columns are ambiguous among 'id', 'text', 'label'"),
+    ("misspelled column", "good", ["--text_column", "sentense"], "no column 'sentense' (from --text_column) (did you mean 'sentence'?)"),
+    ("no label column", "no_label", [], "cannot tell the label column"),
+    ("misspelled label flag", "labelz", ["--label_column", "label"], "(did you mean 'labl'?)"),
+    ("null text", "null_text", [], "row 6: text column 'sentence' is empty"),
+    ("missing label", "nan_label", [], "row 4: label column 'label' is empty"),
+    ("infinite label", "inf_label", [], "row 4: label column 'label' is NaN/inf"),
+    ("one class", "one_class", [], "has only one value"),
+    ("max_length above model", "good", ["--max_length", "4096"], "--max_length 4096 is above the model's limit of 128"),
+    ("max_length too small", "good", ["--max_length", "2"], "--max_length must be greater than 2"),
+    ("model path missing", "good", ["--model", "/nonexistent/model"], "--model '/nonexistent/model'"),
+    ("zero batch size", "good", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive"),
+    ("negative learning rate", "good", ["--learning_rate", "-1"], "--learning_rate must be positive"),
+    ("eval_steps without eval data", "good", ["--eval_steps", "5", "--validation_split", "0"], "--eval_steps was given but there is no evaluation data"),
+    ("unknown flag", "good", ["--learning_rat", "1e-3"], "unknown argument '--learning_rat' (did you mean '--learning_rate'?)"),
+    ("bad checkpointing", "good", ["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer or 'epoch'"),
+    ("resume from missing", "good", ["--resume_from_checkpoint", "/nonexistent/ckpt"], "--resume_from_checkpoint '/nonexistent/ckpt' does not exist"),
+    ("fp16 on cpu", "good", ["--mixed_precision", "fp16"], "fp16 is not supported on CPU"),
+]
+
+
+@pytest.mark.parametrize("name,train,extra,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_error_and_writes_nothing(name, train, extra, message, bad_files, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", tiny_model, "--train_file", bad_files.get(train, train), "--output_dir", str(out), *FAST, *extra]
+    with pytest.raises(UserError) as err:
+        train_cls.main(args)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_cli_prints_one_line_and_exits_2(bad_files, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("train_cls.py", ["--model", tiny_model, "--train_file", bad_files["ambiguous"],
+                                       "--output_dir", str(out)])
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "ambiguous" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_config_file_defaults_and_flags_win(bad_files, tiny_model, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model}\nlearning_rate: 0.5\nmax_steps: 2\nlogging_steps: 1\n")
+    out = tmp_path / "out"
+    res = train_cls.main(["--config", str(cfg), "--train_file", bad_files["good"], "--output_dir", str(out),
+                          "--learning_rate", "1e-3", "--mixed_precision", "no"])
+    assert res["train"]["global_step"] == 2
+    import yaml
+
+    saved = yaml.safe_load((out / "training_args.yaml").read_text())
+    assert saved["learning_rate"] == 1e-3 and saved["model"] == tiny_model and saved["max_steps"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rte: 1\n")
+    with pytest.raises(UserError, match="unknown setting 'learning_rte' \\(did you mean 'learning_rate'\\?\\)"):
+        train_cls.main(["--config", str(bad), "--train_file", bad_files["good"], "--output_dir", str(tmp_path / "o2")])
+
+
+def test_help_is_grouped(tmp_path):
+    proc = run_script("train_cls.py", ["--help"])
+    assert proc.returncode == 0
+    for group in ("model:", "data:", "training:"):
+        assert group in proc.stdout
+    assert "--model_name_or_path" in proc.stdout and "--text_pair_column" in proc.stdout
+
+
+def test_label_only_in_validation_gets_an_id(tiny_model, tmp_path):
+    rng = random.Random(9)
+    train = write_csv(tmp_path / "t.csv", ["text", "label"], [(toy_sentence(rng, y), ["neg", "pos"][y]) for y in [0, 1] * 20])
+    dev = write_csv(tmp_path / "d.csv", ["text", "label"], [(toy_sentence(rng, 1), "mixed"), (toy_sentence(rng, 0), "neg")])
+    res = train_cls.main(["--model", tiny_model, "--train_file", train, "--validation_file", dev,
+                          "--output_dir", str(tmp_path / "o"), *FAST])
+    assert res["data"]["labels"] == ["mixed", "neg", "pos"]
+    assert len(res["eval"]["confusion_matrix"]) == 3
