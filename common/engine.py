@@ -106,7 +106,15 @@ def make_accelerator(args: TrainArguments, project_dir: str):
         # accelerate sets up gloo only for cpu=True; otherwise each rank would train alone.
         use_cpu = True
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))
-    state = PartialState(cpu=use_cpu, timeout=timedelta(seconds=args.ddp_timeout))
+    try:
+        state = PartialState(cpu=use_cpu, timeout=timedelta(seconds=args.ddp_timeout))
+    except Exception as err:  # rendezvous timed out or was refused
+        if world <= 1:
+            raise
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise UserError(f"this process (RANK={os.environ.get('RANK', '?')}) could not join the {world}-process group at "
+                        f"{where} within --ddp_timeout {args.ddp_timeout} s ({type(err).__name__}); start every rank "
+                        "with `accelerate launch` (or torchrun) and check --main_process_ip/--main_process_port.") from None
     if world > 1 and state.num_processes == 1:
         raise UserError(f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one "
                         "process group; set ACCELERATE_USE_CPU=1 or fix the accelerate config.")
@@ -369,7 +377,8 @@ class Engine:
                 self.save_checkpoint("best")
         else:
             self.state.evals_without_improvement += 1
-        self.record({"eval_" + k: v for k, v in metrics.items()} | {"is_best": improved})
+        count = len(next(iter(result.outputs.values()))) if result.outputs else 0
+        self.record({"eval_" + k: v for k, v in metrics.items()} | {"eval_num_examples": count, "is_best": improved})
         patience = self.args.early_stopping_patience
         if patience and self.state.evals_without_improvement >= patience:
             logger.info("early stopping at step %d: %s did not improve for %d evaluations (best %.4f at step %s)",

@@ -1,0 +1,54 @@
+"""Runs train_cls.py's CLI with a hang injected at one point, so a test can SIGKILL it there.
+
+FAULT_POINT: train (after logging step FAULT_STEP), eval (entering an evaluation at FAULT_STEP),
+checkpoint (checkpoint step_FAULT_STEP written to its temporary folder, not yet renamed).
+FAULT_MARKER: a file created when the process is parked at the fault point.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import checkpoint, engine  # noqa: E402
+from common.errors import run_cli  # noqa: E402
+
+POINT, STEP, MARKER = os.environ["FAULT_POINT"], int(os.environ["FAULT_STEP"]), os.environ["FAULT_MARKER"]
+
+
+def park():
+    open(MARKER, "w").close()
+    time.sleep(600)
+
+
+if POINT == "train":
+    original_record = engine.Engine.record
+
+    def record(self, values):
+        original_record(self, values)
+        if self.state.global_step == STEP and "loss" in values:
+            park()
+
+    engine.Engine.record = record
+elif POINT == "eval":
+    original_evaluate = engine.Engine.evaluate
+
+    def evaluate(self, dataloader=None):
+        if self.state.global_step == STEP:
+            park()
+        return original_evaluate(self, dataloader)
+
+    engine.Engine.evaluate = evaluate
+elif POINT == "checkpoint":
+    original_fsync = checkpoint._fsync_tree
+
+    def fsync_tree(path):
+        original_fsync(path)
+        if os.path.basename(path) == f".tmp-step_{STEP}":
+            park()
+
+    checkpoint._fsync_tree = fsync_tree
+
+import train_cls  # noqa: E402
+
+run_cli(train_cls.main)

@@ -1,0 +1,124 @@
+"""Real multi-process runs on CPU (gloo): 2 ranks via `accelerate launch`, and 2 emulated machines."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+
+import train_cls
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "accelerate_configs", "*.yaml")))
+# Barely-moving weights: 1 and 2 processes must then evaluate (almost) the same model, so eval
+# metrics must agree; the counts must agree exactly whatever the weights.
+NEAR_FROZEN = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-9",
+               "--logging_steps", "2", "--eval_steps", "5", "--per_device_eval_batch_size", "7",
+               "--checkpointing_steps", "4", "--mixed_precision", "no"]
+
+
+def launch(*args):
+    return [sys.executable, "-m", "accelerate.commands.launch", *args]
+
+
+def data_args(tiny_model, files, out):
+    return ["--model", tiny_model, "--train_file", files["train"], "--validation_file", files["dev"],
+            "--output_dir", str(out)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(path)
+    assert config.distributed_type in set(DistributedType)
+    assert config.mixed_precision in ("no", "fp16", "bf16")
+
+
+def check_against_single(one, out, processes):
+    res = json.loads((out / "results.json").read_text())
+    assert res["setup"]["num_processes"] == processes and res["setup"]["distributed_type"] == "MULTI_CPU"
+    # 240 training rows, batch 8: 30 batches on 1 process, 15 per process on 2
+    assert one["train"]["global_step"] == 30 and res["train"]["global_step"] == 15
+    assert res["eval"]["num_examples"] == one["eval"]["num_examples"] == 61
+    for key in ("accuracy", "f1", "loss", "mcc"):
+        assert res["eval"][key] == pytest.approx(one["eval"][key], abs=1e-4), key
+    # every mid-epoch evaluation also saw each of the 61 rows exactly once
+    with open(out / "log_history.jsonl") as fh:
+        evals = [json.loads(line) for line in fh if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [5, 10, 15] and {e["eval_num_examples"] for e in evals} == {61}
+    with open(out / "predictions_eval.csv") as fh:
+        assert sorted(int(r["row_id"]) for r in csv.DictReader(fh)) == list(range(61))
+    ckpts = sorted(os.listdir(out / "checkpoints"))
+    assert ckpts == ["step_12", "step_4", "step_8"]  # written once each, no temporary leftovers
+    assert sorted(os.listdir(out / "checkpoints" / "step_8")).count("random_states_1.pkl") == 1
+    return res
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model, sentiment_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    return train_cls.main(data_args(tiny_model, sentiment_files, out) + NEAR_FROZEN)
+
+
+def test_multi_gpu_launch_without_gpus_gives_two_real_ranks(tiny_model, sentiment_files, single_run, tmp_path):
+    """`accelerate launch --multi_gpu` on a CPU-only machine, no ACCELERATE_USE_CPU: the engine makes it
+    2 gloo ranks (plain accelerate would start 2 independent trainings writing to one folder)."""
+    out = tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = launch("--config_file", os.path.join(ROOT, "accelerate_configs", "multi_gpu.yaml"), "--num_processes", "2",
+                 "--main_process_port", str(free_port()), os.path.join(ROOT, "train_cls.py"),
+                 *data_args(tiny_model, sentiment_files, out), *NEAR_FROZEN)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_single(single_run, out, 2)
+
+    # A 2-process checkpoint resumes on 1 process: same sample order, schedule recomputed.
+    resumed = tmp_path / "resumed"
+    res = train_cls.main(data_args(tiny_model, sentiment_files, resumed) + NEAR_FROZEN +
+                         ["--resume_from_checkpoint", str(out / "checkpoints" / "step_8")])
+    # 8 steps x 2 processes x 8 = 128 samples seen -> 16 of 30 one-process batches done, 14 left
+    assert res["train"]["global_step"] == 8 + 14
+    assert res["eval"]["num_examples"] == 61
+
+
+def test_two_machines_on_loopback(tiny_model, sentiment_files, single_run, tmp_path):
+    out = tmp_path / "nodes"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = launch("--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                     "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                     "--dynamo_backend", "no", "--rdzv_backend", "static", "--same_network",
+                     os.path.join(ROOT, "train_cls.py"), *data_args(tiny_model, sentiment_files, out), *NEAR_FROZEN)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=dict(os.environ, ACCELERATE_USE_CPU="1")))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    res = check_against_single(single_run, out, 2)
+    assert res["setup"]["num_machines"] == 2
+
+
+def test_launcher_world_size_without_process_group_is_refused(tiny_model, sentiment_files, tmp_path):
+    """WORLD_SIZE=2 but nothing to rendezvous with (no launcher): a clear error, not a silent solo run."""
+    out = tmp_path / "o"
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "ACCELERATE_USE_CPU": "0"}
+    proc = run_script("train_cls.py", data_args(tiny_model, sentiment_files, out) + NEAR_FROZEN + ["--ddp_timeout", "5"],
+                      env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not join the 2-process group" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

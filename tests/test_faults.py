@@ -1,0 +1,89 @@
+"""Faults injected for real: SIGKILL during training, during evaluation and while a checkpoint is
+being written; then the same command with --resume_from_checkpoint latest must end exactly where an
+uninterrupted run ends (CPU fp32, same seed)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+import train_cls
+
+ARGS = ["--num_train_epochs", "2", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
+        "--logging_steps", "1", "--checkpointing_steps", "4", "--eval_steps", "7", "--mixed_precision", "no",
+        "--resume_from_checkpoint", "latest"]
+
+
+def argv(tiny_model, files, out):
+    return ["--model", tiny_model, "--train_file", files["train"], "--validation_file", files["dev"],
+            "--output_dir", str(out), *ARGS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, sentiment_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    res = train_cls.main(argv(tiny_model, sentiment_files, out))  # 'latest' with no checkpoint: fresh start
+    return res, load_file(out / "model.safetensors")
+
+
+def kill_at(point, step, tiny_model, files, out, tmp_path):
+    marker = tmp_path / f"parked-{point}"
+    env = dict(os.environ, FAULT_POINT=point, FAULT_STEP=str(step), FAULT_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_runner.py"),
+                             *argv(tiny_model, files, out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "the run never reached the fault point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()
+
+
+def latest_step(out):
+    from common.checkpoint import list_checkpoints
+
+    return list_checkpoints(str(out / "checkpoints"))[-1][0]
+
+
+def resume_and_compare(reference, tiny_model, files, out):
+    ref_res, ref_weights = reference
+    res = train_cls.main(argv(tiny_model, files, out))
+    weights = load_file(out / "model.safetensors")
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=1e-6, msg=key)
+    assert res["eval"] == ref_res["eval"]
+    assert res["train"]["best_step"] == ref_res["train"]["best_step"]
+
+
+@pytest.mark.parametrize("point,step,expected_latest", [("train", 18, 16), ("eval", 21, 20)])
+def test_sigkill_then_resume_matches_uninterrupted(point, step, expected_latest, reference, tiny_model,
+                                                   sentiment_files, tmp_path):
+    out = tmp_path / "out"
+    kill_at(point, step, tiny_model, sentiment_files, out, tmp_path)
+    assert latest_step(out) == expected_latest
+    resume_and_compare(reference, tiny_model, sentiment_files, out)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "out"
+    kill_at("checkpoint", 12, tiny_model, sentiment_files, out, tmp_path)
+    ckpts = sorted(os.listdir(out / "checkpoints"))
+    assert ".tmp-step_12" in ckpts and "step_12" not in ckpts
+    assert latest_step(out) == 8  # `latest` never points at the partial checkpoint
+    state = json.loads((out / "checkpoints" / "step_8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    resume_and_compare(reference, tiny_model, sentiment_files, out)
+    assert ".tmp-step_12" not in os.listdir(out / "checkpoints")  # rewritten cleanly on resume
