@@ -51,6 +51,8 @@ class ClsDataArguments:
     text_separator: Optional[str] = field(default=None, metadata={
         "help": "Joins --text_columns (default: the tokenizer's separator token between spaces)."})
     label_column: Optional[str] = field(default=None, metadata={"help": "The label column."})
+    allow_unseen_labels: bool = field(default=False, metadata={
+        "help": "Accept validation/test labels that never occur in training (the model cannot predict them)."})
     task_type: Literal["auto", "classification", "regression"] = field(default="auto", metadata={
         "help": "auto: float labels with fractions -> regression, anything else -> classification."})
     validation_split: float = field(default=0.1, metadata={
@@ -194,6 +196,11 @@ class ClassificationSpec(TaskSpec):
             row = next(i for i, v in enumerate(labels[split]) if not math.isfinite(float(v)))
             raise UserError(f"{where[split]}, row {row + 1}: label column '{label_col}' is NaN/inf; fix or drop the row.")
         regression = a.task_type == "regression" or (a.task_type == "auto" and fractional)
+        if a.task_type == "classification" and fractional:
+            split = next(s for s in labels if any(float(v) != int(float(v)) for v in labels[s]))
+            row = next(i for i, v in enumerate(labels[split]) if float(v) != int(float(v)))
+            raise UserError(f"{where[split]}, row {row + 1}: label {labels[split][row]} in column '{label_col}' is not a "
+                            "whole number, but --task_type is classification; fix the labels or use --task_type regression.")
         if regression and not all_numeric:
             raise UserError(f"--task_type regression needs numeric labels, but column '{label_col}' has text labels.")
         class_names = None
@@ -217,6 +224,10 @@ class ClassificationSpec(TaskSpec):
                                 "classification needs at least two classes.")
             train_classes = set(ids["train"])
             missing = [class_names[i] for i in range(len(class_names)) if i not in train_classes]
+            if missing and not a.allow_unseen_labels:
+                split = next(s for s in ids if s != "train" and any(class_names[i] in missing for i in ids[s]))
+                raise UserError(f"{where[split]} has labels {missing} that never occur in {where['train']} (column "
+                                f"'{label_col}'); the model cannot learn them: fix the split, or pass --allow_unseen_labels.")
             if missing:
                 print_warning(f"labels {missing} never occur in the training data; the model cannot learn them.")
         else:

@@ -31,6 +31,8 @@ class TrainerState:
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
     samples_seen: int = 0
+    tokens_seen: int = 0            # real (non-padding) training tokens, all processes
+    padded_tokens_seen: int = 0     # training tokens including padding, all processes
     kind: str = "periodic"          # "periodic" | "best" | "preempted"
     identity: dict = field(default_factory=dict)  # model/task/labels: refuse resuming into a different run
 

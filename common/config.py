@@ -18,10 +18,9 @@ from transformers import HfArgumentParser
 from .errors import UserError, closest
 
 DEFAULT_MODEL = "huawei-noah/TinyBERT_General_4L_312D"
-SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
-)
+# Schedules that need nothing beyond warm-up and total steps (plateau/min-lr/WSD need extra arguments).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 
 
 def _help(text: str, **kw: Any) -> dict:
@@ -90,6 +89,8 @@ class TrainArguments:
         "hardware runs it fast, else fp32).", choices=["no", "fp16", "bf16", "auto"]))
     group_by_length: bool = field(default=True, metadata=_help(
         "Batch training examples of similar length (shuffled buckets) to cut padding."))
+    pad_to_max_length: bool = field(default=False, metadata=_help(
+        "Pad every batch to --max_length (static shapes; always on for TPU). Slower: for comparisons."))
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
     torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile."))
     ddp_timeout: int = field(default=1800, metadata=_help(
@@ -133,6 +134,13 @@ class TrainArguments:
                 raise UserError(f"--{name} must be a positive integer.")
 
 
+class _Parser(HfArgumentParser):
+    """argparse reports bad flag values by printing usage and exiting; we raise one clear UserError."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see --help.")
+
+
 def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Every option string (without dashes) -> its dest."""
     names = {}
@@ -144,7 +152,7 @@ def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, description: str):
     """Parse `argv` into the given dataclasses: defaults < --config YAML < flags. Unknown keys are errors."""
-    parser = HfArgumentParser(list(dataclass_types), description=description,
+    parser = _Parser(list(dataclass_types), description=description,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", default=None,
                         help="YAML file of settings (flag names as keys); flags given on the command line win.")

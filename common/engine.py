@@ -502,6 +502,8 @@ class Engine:
                         loss_sum = acc.reduce(log_loss, reduction="sum") if acc.num_processes > 1 else log_loss
                         tokens = acc.reduce(log_tokens, reduction="sum") if acc.num_processes > 1 else log_tokens
                         elapsed = max(now - t_log, 1e-9)
+                        state.tokens_seen += int(tokens)
+                        state.padded_tokens_seen += log_padded * acc.num_processes
                         record = {"loss": float(loss_sum / log_items.clamp(min=1)),
                                   "learning_rate": float(self.scheduler.get_last_lr()[0]),
                                   "grad_norm": float(grad_norm) if grad_norm is not None else None,

@@ -211,7 +211,8 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
                                                           if isinstance(v, (int, float, str, bool))})
 
     multiple = 32 if args.torch_compile else (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
-    fixed = getattr(ctx.data_args, "max_length", None) if accelerator.distributed_type == "XLA" else None
+    static = accelerator.distributed_type == "XLA" or args.pad_to_max_length
+    fixed = getattr(ctx.data_args, "max_length", None) if static else None
     collator = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id, multiple, fixed))
     eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
     identity = {"model": ctx.model_args.model, "task": spec.task_name, **data.identity}
@@ -244,6 +245,10 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
         "global_step": st.global_step, "total_steps": engine.total_steps, "epochs": engine.num_epochs,
         "train_runtime": t_train, "train_samples": len(data.train),
         "train_samples_per_second": st.samples_seen / t_train if t_train else None,
+        "train_tokens_per_second": st.tokens_seen / t_train if t_train else None,
+        "train_padded_tokens_per_second": st.padded_tokens_seen / t_train if t_train else None,
+        "padding_fraction": 1 - st.tokens_seen / st.padded_tokens_seen if st.padded_tokens_seen else None,
+        "train_tokens": st.tokens_seen, "train_padded_tokens": st.padded_tokens_seen, "train_samples_seen": st.samples_seen,
         "best_step": st.best_step, "best_metric": st.best_metric, "metric_for_best_model": engine.metric,
         "restored_best": restored, "nonfinite_skipped": st.nonfinite_skipped,
         "final_train_loss": next((r["loss"] for r in reversed(engine.history) if "loss" in r), None),

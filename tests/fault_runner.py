@@ -1,7 +1,8 @@
 """Runs train_cls.py's CLI with a hang injected at one point, so a test can SIGKILL it there.
 
 FAULT_POINT: train (after logging step FAULT_STEP), eval (entering an evaluation at FAULT_STEP),
-checkpoint (checkpoint step_FAULT_STEP written to its temporary folder, not yet renamed).
+checkpoint (checkpoint step_FAULT_STEP written to its temporary folder, not yet renamed),
+die (rank 1 exits abruptly after logging step FAULT_STEP).
 FAULT_MARKER: a file created when the process is parked at the fault point.
 """
 import os
@@ -48,6 +49,17 @@ elif POINT == "checkpoint":
             park()
 
     checkpoint._fsync_tree = fsync_tree
+
+elif POINT == "die":  # one rank of a multi-process run dies abruptly (as if OOM-killed)
+    original_record = engine.Engine.record
+
+    def record(self, values):
+        original_record(self, values)
+        if self.state.global_step == STEP and "loss" in values and os.environ.get("RANK") == "1":
+            open(MARKER, "w").close()
+            os._exit(9)
+
+    engine.Engine.record = record
 
 import train_cls  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Bad input: one clear sentence naming the file/column/row/flag, a non-zero exit, nothing written."""
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -27,7 +28,18 @@ def bad_files(tmp_path_factory):
         "header_only": write_csv(d / "header.csv", ["sentence", "label"], []),
         "no_label": write_csv(d / "nolabel.csv", ["sentence", "target"], good),
         "labelz": write_csv(d / "labelz.csv", ["sentence", "labl"], good),
+        "fractional": write_csv(d / "frac.csv", ["sentence", "label"], good[:4] + [("a b", "0.5")] + good[4:]),
+        "unseen_dev": write_csv(d / "unseen.csv", ["sentence", "label"], good[:5] + [("a b", 7)]),
     }
+    (d / "ragged.csv").write_text("sentence,label\na good film,1\na,bad,film,0\n")
+    f["ragged"] = str(d / "ragged.csv")
+    (d / "weightless").mkdir()
+    (d / "weightless" / "config.json").write_text('{"model_type": "bert", "vocab_size": 130, "hidden_size": 32, '
+                                                  '"num_hidden_layers": 2, "num_attention_heads": 2, '
+                                                  '"intermediate_size": 64, "max_position_embeddings": 128}')
+    f["weightless"] = str(d / "weightless")
+    (d / "a_file").write_text("x")
+    f["a_file"] = str(d / "a_file")
     (d / "empty.csv").write_text("")
     f["empty"] = str(d / "empty.csv")
     (d / "data.xlsx").write_text("x")
@@ -65,18 +77,53 @@ CASES = [
     ("bad checkpointing", "good", ["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer or 'epoch'"),
     ("resume from missing", "good", ["--resume_from_checkpoint", "/nonexistent/ckpt"], "--resume_from_checkpoint '/nonexistent/ckpt' does not exist"),
     ("fp16 on cpu", "good", ["--mixed_precision", "fp16"], "fp16 is not supported on CPU"),
+    ("ragged csv", "ragged", [], "could not be parsed as csv"),
+    ("unknown scheduler", "good", ["--lr_scheduler_type", "cosin"], "--lr-scheduler-type: invalid choice: 'cosin' (choose from 'linear', 'cosine',"),
+    ("fractional class labels", "fractional", ["--task_type", "classification"], "row 5: label 0.5 in column 'label' is not a whole number"),
+    ("label unseen in training", "good", ["--validation_file", "@unseen_dev"], "has labels ['7'] that never occur in --train_file"),
+    ("model dir without weights", "good", ["--model", "@weightless"], "could not be loaded"),
+    ("output_dir is a file", "good", ["--output_dir", "@a_file"], "is a file; pass a folder"),
+    ("warmup ratio out of range", "good", ["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
+    ("non-numeric flag value", "good", ["--num_train_epochs", "three"], "invalid float value: 'three'"),
+    ("bad split fraction", "good", ["--validation_split", "1.2"], "--validation_split must be a fraction in [0, 1)"),
 ]
 
 
 @pytest.mark.parametrize("name,train,extra,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_error_and_writes_nothing(name, train, extra, message, bad_files, tiny_model, tmp_path):
     out = tmp_path / "out"
+    extra = [bad_files[x[1:]] if x.startswith("@") else x for x in extra]
     args = ["--model", tiny_model, "--train_file", bad_files.get(train, train), "--output_dir", str(out), *FAST, *extra]
+    before = sorted(os.listdir(tmp_path))
     with pytest.raises(UserError) as err:
         train_cls.main(args)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
-    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_too_little_disk_is_refused_before_training(bad_files, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from common import reporting
+
+    monkeypatch.setattr(reporting.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(UserError, match="only 1 MiB free"):
+        train_cls.main(["--model", tiny_model, "--train_file", bad_files["good"], "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_into_a_different_label_set_is_refused(bad_files, tiny_model, tmp_path):
+    out = tmp_path / "o"
+    train_cls.main(["--model", tiny_model, "--train_file", bad_files["good"], "--output_dir", str(out), *FAST,
+                    "--checkpointing_steps", "1", "--max_steps", "2"])
+    ckpt = str(out / "checkpoints" / "step_2")
+    rng = random.Random(3)
+    other = write_csv(tmp_path / "other.csv", ["sentence", "label"], [(toy_sentence(rng, y), "ab"[y]) for y in [0, 1] * 10])
+    with pytest.raises(UserError, match="belongs to a different run \\(labels is"):
+        train_cls.main(["--model", tiny_model, "--train_file", other, "--output_dir", str(out), *FAST,
+                        "--resume_from_checkpoint", ckpt])
+    assert json.loads((out / "results.json").read_text())["train"]["global_step"] == 2  # untouched
 
 
 def test_cli_prints_one_line_and_exits_2(bad_files, tiny_model, tmp_path):
@@ -120,6 +167,6 @@ def test_label_only_in_validation_gets_an_id(tiny_model, tmp_path):
     train = write_csv(tmp_path / "t.csv", ["text", "label"], [(toy_sentence(rng, y), ["neg", "pos"][y]) for y in [0, 1] * 20])
     dev = write_csv(tmp_path / "d.csv", ["text", "label"], [(toy_sentence(rng, 1), "mixed"), (toy_sentence(rng, 0), "neg")])
     res = train_cls.main(["--model", tiny_model, "--train_file", train, "--validation_file", dev,
-                          "--output_dir", str(tmp_path / "o"), *FAST])
+                          "--output_dir", str(tmp_path / "o"), *FAST, "--allow_unseen_labels"])
     assert res["data"]["labels"] == ["mixed", "neg", "pos"]
     assert len(res["eval"]["confusion_matrix"]) == 3

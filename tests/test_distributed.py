@@ -105,7 +105,7 @@ def test_two_machines_on_loopback(tiny_model, sentiment_files, single_run, tmp_p
                      "--dynamo_backend", "no", "--rdzv_backend", "static", "--same_network",
                      os.path.join(ROOT, "train_cls.py"), *data_args(tiny_model, sentiment_files, out), *NEAR_FROZEN)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=dict(os.environ, ACCELERATE_USE_CPU="1")))
+                                      env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     res = check_against_single(single_run, out, 2)
@@ -122,3 +122,35 @@ def test_launcher_world_size_without_process_group_is_refused(tiny_model, sentim
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "could not join the 2-process group" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_notebook_launcher_two_processes_and_repeated_calls(tiny_model, sentiment_files, tmp_path):
+    """notebook_launcher(main, (argv,), num_processes=2) trains with 2 real ranks; a second call in the
+    same Python process works too (state is reset between runs). Run in a fresh interpreter, as a kernel."""
+    code = f"""
+import json, sys
+sys.path.insert(0, {ROOT!r})
+from accelerate import notebook_launcher
+import train_cls
+for i in range(2):
+    out = {str(tmp_path)!r} + f"/nb{{i}}"
+    argv = ["--model", {tiny_model!r}, "--train_file", {sentiment_files["train"]!r}, "--validation_file",
+            {sentiment_files["dev"]!r}, "--output_dir", out, "--max_steps", "4", "--mixed_precision", "no"]
+    notebook_launcher(train_cls.main, (argv,), num_processes=2, use_port="{free_port()}")
+    r = json.load(open(out + "/results.json"))
+    print("RESULT", r["setup"]["num_processes"], r["setup"]["distributed_type"], r["eval"]["num_examples"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("RESULT 2 MULTI_CPU 61") == 2, proc.stdout[-2000:]
+
+
+def test_example_notebook_is_valid_and_launches_main():
+    import nbformat
+
+    nb = nbformat.read(os.path.join(ROOT, "examples", "colab_quickstart.ipynb"), as_version=4)
+    nbformat.validate(nb)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "pip install" in code and "write_basic_config" in code
+    assert "notebook_launcher(train_cls.main, (argv,)" in code

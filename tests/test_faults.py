@@ -87,3 +87,48 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, ti
     assert state["global_step"] == 8
     resume_and_compare(reference, tiny_model, sentiment_files, out)
     assert ".tmp-step_12" not in os.listdir(out / "checkpoints")  # rewritten cleanly on resume
+
+
+def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tiny_model, sentiment_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cls.ClassificationTask, "loss_sum", nan_at_step(5))
+    out = tmp_path / "nan"
+    with pytest.raises(train_cls.UserError, match="became NaN/inf at optimizer step 5"):
+        train_cls.main(argv(tiny_model, sentiment_files, out))
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+    assert latest_step(out) == 4  # the last checkpoint before the bad step is intact
+
+
+def test_skip_nonfinite_counts_skipped_steps(tiny_model, sentiment_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cls.ClassificationTask, "loss_sum", nan_at_step(5))
+    res = train_cls.main(argv(tiny_model, sentiment_files, tmp_path / "skip") + ["--skip_nonfinite"])
+    assert res["train"]["nonfinite_skipped"] == 1 and res["train"]["global_step"] == 30
+    weights = load_file(tmp_path / "skip" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def nan_at_step(bad_step):
+    original = train_cls.ClassificationTask.loss_sum
+    calls = {"n": 0}
+
+    def loss_sum(self, model, batch):
+        calls["n"] += 1
+        loss = original(self, model, batch)
+        return loss * float("nan") if calls["n"] == bad_step else loss  # accumulation 1: call n is step n
+
+    return loss_sum
+
+
+def test_one_rank_dying_ends_the_whole_job(tiny_model, sentiment_files, tmp_path):
+    """Rank 1 of 2 exits abruptly at step 3: the job ends non-zero within a bounded time, no hang."""
+    out = tmp_path / "die"
+    env = dict(os.environ, FAULT_POINT="die", FAULT_STEP="3", FAULT_MARKER=str(tmp_path / "died"),
+               ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
+           os.path.join(ROOT, "tests", "fault_runner.py"), *argv(tiny_model, sentiment_files, out), "--ddp_timeout", "30"]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "died").exists()
+    assert proc.returncode != 0
+    assert time.time() - start < 120
+    assert not (out / "results.json").exists()
