@@ -27,7 +27,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(os.path.dirname(ROOT), "shared", "assets", "data")
+ASSETS = os.environ.get("BENCH_ASSETS", os.path.join(os.path.dirname(ROOT), "shared", "assets", "data"))
 
 PRESETS = {
     "cls": ("train_cls.py", "accuracy", [
@@ -160,11 +160,18 @@ def micro(task: str, model: str, common: list[str], steps: int) -> dict:
         model_obj = spec.build_model(ctx, data)
         task_obj = spec.make_task(ctx, data, model_obj)
         collate = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id))
-        sampler = iter(LengthGroupedSampler(data.train["length"], a.per_device_train_batch_size, a.seed))
+        sampler = LengthGroupedSampler(data.train["length"], a.per_device_train_batch_size, a.seed)
+
+        def order():  # the script's own batch order, epoch after epoch
+            for epoch in range(10**6):
+                sampler.set_epoch(epoch)
+                yield from sampler
+
+        indices = order()
         batches = []
         for _ in range(steps + 2):
-            idx = [next(sampler) for _ in range(a.per_device_train_batch_size)]
-            batches.append(collate([data.train[i] for i in idx]))
+            idx = [next(indices) for _ in range(a.per_device_train_batch_size)]
+            batches.append({k: v.to(acc.device) for k, v in collate([data.train[i] for i in idx]).items()})
         opt = engine.build_optimizer(model_obj, a, acc.device)
         model_obj, opt = acc.prepare(model_obj, opt)
         model_obj.train()
@@ -178,6 +185,8 @@ def micro(task: str, model: str, common: list[str], steps: int) -> dict:
             opt.zero_grad(set_to_none=True)
             if i >= 2:
                 tokens += int(batch["attention_mask"].sum())
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         return {"task": task, "config": "micro_fwd_bwd_step", "steps": steps, "train_tokens_per_second": round(tokens / seconds, 1),
                 "seconds": round(seconds, 2)}
@@ -223,7 +232,7 @@ def main(argv=None) -> None:
                 summary[f"{base}_over_this_{key.split('_')[1]}"] = round(mean(base, key) / summary[key], 3)
         print(json.dumps(summary), flush=True)
     if args.micro:
-        micro_res = micro(args.task, model, common, args.micro_steps)
+        micro_res = micro(args.task, model, common + shlex.split(configs[0][1]), args.micro_steps)
         script_tps = mean(base, "train_tokens_per_second")
         micro_res["script_over_micro"] = round(script_tps / micro_res["train_tokens_per_second"], 3) if script_tps else None
         print(json.dumps(micro_res), flush=True)
