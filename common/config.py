@@ -156,7 +156,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, desc
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", default=None,
                         help="YAML file of settings (flag names as keys); flags given on the command line win.")
-    argv = list(argv) if argv is not None else None
+    argv = [str(a) for a in argv] if argv is not None else None  # Paths and numbers from notebooks are fine
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
     pre, _ = pre_parser.parse_known_args(argv)

@@ -271,7 +271,8 @@ class Engine:
         # optimizer step, which is the unit every length above is counted in.
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=self.warmup_steps,
                                        num_training_steps=self.total_steps)
-        accelerator.register_for_checkpointing(self.scheduler)
+        # The schedule's position is saved as JSON in our trainer state (see save_checkpoint), not
+        # through register_for_checkpointing, which accelerate unpickles with weights_only=False.
 
     # -- data -----------------------------------------------------------------------------------
     def eval_loader(self, dataset) -> DataLoader:
@@ -306,6 +307,7 @@ class Engine:
     def save_checkpoint(self, kind: str = "periodic") -> str:
         self.state.kind = kind
         self.state.num_processes = self.accelerator.num_processes
+        self.state.scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         name = BEST if kind == "best" else f"step_{self.state.global_step}"
         path = ckpt.save_checkpoint(self.accelerator, self.ckpt_root, name, self.state)
         if kind != "best" and self.accelerator.is_main_process:
@@ -329,6 +331,8 @@ class Engine:
             logger.warning("resuming a %d-process checkpoint on %d processes: the sample order continues, "
                            "the schedule is recomputed for the new global batch", saved.num_processes,
                            self.accelerator.num_processes)
+        if saved.scheduler:
+            self.scheduler.load_state_dict(dict(saved.scheduler, lr_lambdas=[None] * len(self.optimizer.param_groups)))
         saved.kind = "periodic"
         self.state = saved
         logger.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, saved.global_step,

@@ -62,6 +62,13 @@ def check_against_single(one, out, processes):
     assert [e["step"] for e in evals] == [5, 10, 15] and {e["eval_num_examples"] for e in evals} == {61}
     with open(out / "predictions_eval.csv") as fh:
         assert sorted(int(r["row_id"]) for r in csv.DictReader(fh)) == list(range(61))
+    # the schedule is counted in optimizer steps after prepare(): linear with 10% warm-up, ending at 0
+    for run_dir, total in ((out, 15), (one["_dir"], 30)):
+        with open(run_dir / "log_history.jsonl") as fh:
+            lrs = {r["step"]: r["learning_rate"] for r in map(json.loads, fh) if "learning_rate" in r}
+        warm = -(-total // 10)
+        expected = {k: 1e-9 * (k / warm if k < warm else (total - k) / (total - warm)) for k in lrs}
+        assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-18) and lrs[total] == 0.0
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert ckpts == ["step_12", "step_4", "step_8"]  # written once each, no temporary leftovers
     assert sorted(os.listdir(out / "checkpoints" / "step_8")).count("random_states_1.pkl") == 1
@@ -71,7 +78,7 @@ def check_against_single(one, out, processes):
 @pytest.fixture(scope="module")
 def single_run(tiny_model, sentiment_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    return train_cls.main(data_args(tiny_model, sentiment_files, out) + NEAR_FROZEN)
+    return train_cls.main(data_args(tiny_model, sentiment_files, out) + NEAR_FROZEN) | {"_dir": out}
 
 
 def test_multi_gpu_launch_without_gpus_gives_two_real_ranks(tiny_model, sentiment_files, single_run, tmp_path):

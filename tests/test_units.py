@@ -1,0 +1,113 @@
+"""Unit tests of the engine's building blocks, and the remaining input formats end to end."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FAST, toy_sentence
+
+import train_cls
+from common import data as D
+from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
+from common.config import TrainArguments
+from common.engine import build_optimizer
+
+
+def test_pad_collator_dynamic_multiple_and_fixed():
+    feats = [{"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "labels": 1, "row_id": 0},
+             {"input_ids": [2, 5, 6, 7, 3], "attention_mask": [1] * 5, "labels": 0, "row_id": 1}]
+    batch = PadCollator(pad_token_id=0)(feats)
+    assert batch["input_ids"].tolist() == [[2, 5, 3, 0, 0], [2, 5, 6, 7, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert batch["labels"].tolist() == [1, 0] and batch["row_id"].tolist() == [0, 1]
+    assert PadCollator(0, multiple=8)(feats)["input_ids"].shape == (2, 8)
+    assert PadCollator(0, fixed_length=16)(feats)["input_ids"].shape == (2, 16)  # XLA: static shapes
+    tokens = [{"input_ids": [2, 3], "labels": [-100, 4]}, {"input_ids": [2, 9, 3], "labels": [-100, 1, -100]}]
+    assert PadCollator(0)(tokens)["labels"].tolist() == [[-100, 4, -100], [-100, 1, -100]]
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000)
+    s = LengthGroupedSampler(lengths, batch_size=16, seed=3, group=8)
+    first = list(s)
+    assert sorted(first) == list(range(1000))
+    assert list(s) == first  # same seed and epoch: same order (every process agrees)
+    s.set_epoch(1)
+    assert list(s) != first
+    batches = [lengths[first[i:i + 16]] for i in range(0, 992, 16)]
+    grouped_pad = np.mean([b.max() - b.mean() for b in batches])
+    shuffled = rng.permutation(1000)
+    random_pad = np.mean([lengths[shuffled[i:i + 16]].max() - lengths[shuffled[i:i + 16]].mean() for i in range(0, 992, 16)])
+    assert grouped_pad < random_pad / 4
+    plain = SeededRandomSampler(50, seed=3)
+    assert sorted(plain) == list(range(50)) and list(plain) == list(plain)
+
+
+def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    opt = build_optimizer(model, TrainArguments(weight_decay=0.1), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ([names[id(p)] for p in g["params"]] for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert all(n.endswith(".bias") or "LayerNorm" in n for n in no_decay)
+    assert not any(n.endswith(".bias") or "LayerNorm" in n for n in decay)
+    assert len(decay) + len(no_decay) == len(names)
+
+
+def test_stratified_split_is_seeded_and_keeps_proportions():
+    labels = [0] * 70 + [1] * 20 + [2] * 10
+    keep, take = D.split_indices(100, 0.2, seed=5, stratify=labels)
+    assert len(take) == 20 and sorted(np.concatenate([keep, take]).tolist()) == list(range(100))
+    assert Counter(labels[i] for i in take) == {0: 14, 1: 4, 2: 2}
+    again, _ = D.split_indices(100, 0.2, seed=5, stratify=labels)
+    assert keep.tolist() == again.tolist()
+    assert D.split_indices(100, 0.2, seed=6, stratify=labels)[1].tolist() != take.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
+def test_json_jsonl_parquet_inputs(fmt, tiny_model, tmp_path):
+    rng = random.Random(4)
+    df = pd.DataFrame([{"text": toy_sentence(rng, y), "label": ["neg", "pos"][y]} for y in [0, 1] * 30])
+    path = tmp_path / f"train.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(df.to_dict("records")))
+    elif fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path)
+    res = train_cls.main(["--model", tiny_model, "--train_file", str(path), "--output_dir", str(tmp_path / "o"), *FAST])
+    assert res["data"]["labels"] == ["neg", "pos"] and res["eval"]["num_examples"] == 6
+
+
+def test_checkpoint_rotation_keeps_the_newest(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "o"
+    train_cls.main(["--model", tiny_model, "--train_file", sentiment_files["train"], "--validation_file",
+                    sentiment_files["dev"], "--output_dir", str(out), *FAST, "--checkpointing_steps", "3",
+                    "--save_total_limit", "2"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_12", "step_15"]
+    state = json.loads((out / "checkpoints" / "step_15" / "trainer_state.json").read_text())
+    assert state["scheduler"]["last_epoch"] == 15  # the schedule's position, as JSON
+    assert not any(name.startswith("custom_checkpoint") for name in os.listdir(out / "checkpoints" / "step_15"))
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_model, sentiment_files, tmp_path):
+    res = train_cls.main(["--model", tiny_model, "--train_file", sentiment_files["train"], "--validation_file",
+                          sentiment_files["dev"], "--output_dir", str(tmp_path / "o"), "--max_steps", "3",
+                          "--mixed_precision", "bf16", "--logging_steps", "1"])
+    assert res["setup"]["mixed_precision"] == "bf16"
+    assert res["train"]["train_padded_tokens"] % 8 == 0  # padded to multiples of 8 under mixed precision
+    assert res["eval"]["num_examples"] == 61
+
+
+def test_importing_the_scripts_does_not_initialise_cuda():
+    assert not torch.cuda.is_initialized()  # notebook_launcher needs a CUDA-free parent process
