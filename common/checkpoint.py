@@ -77,16 +77,24 @@ def save_checkpoint(accelerator, ckpt_root: str, name: str, state: TrainerState)
         os.makedirs(ckpt_root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
+                fh.write(state.to_json())
+            _fsync_tree(tmp)
+            with open(os.path.join(tmp, COMPLETE), "w") as fh:
+                fh.write("ok\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as err:  # disk full, quota, permissions: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(ckpt_root)
+        keep = f"the newest complete one, {previous[-1][1]}, is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"could not write checkpoint '{final}' ({err.strerror or err}); {keep}. Free space "
+                        "and rerun with --resume_from_checkpoint latest.") from None
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
-            fh.write(state.to_json())
-        _fsync_tree(tmp)
-        with open(os.path.join(tmp, COMPLETE), "w") as fh:
-            fh.write("ok\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         if os.path.exists(final):
             old = os.path.join(ckpt_root, f".old-{name}")
             shutil.rmtree(old, ignore_errors=True)
