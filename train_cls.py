@@ -171,22 +171,16 @@ class ClassificationSpec(TaskSpec):
                 D.require_columns(ds.column_names, [label_col], where[split], flag_of)
             if len(ds) == 0:
                 raise UserError(f"{where[split]} has no rows.")
+            for col in needed:
+                bad = D.first_bad_row(ds[col], D.is_missing)
+                if bad is not None:
+                    raise UserError(f"{where[split]}, row {bad + 1}: text column '{col}' is empty; fill it or drop the row.")
             raw = ds[label_col] if has else None
             if split == "test" and (raw is None or all(D.is_missing(v) or v in (-1, "-1") for v in raw)):
                 labelled[split] = False  # e.g. GLUE test: labels hidden (-1)
                 continue
             labelled[split] = True
             labels[split], numeric[split] = parse_labels(raw, where[split], label_col)
-            for col in needed:
-                bad = D.first_bad_row(ds[col], D.is_missing)
-                if bad is not None:
-                    raise UserError(f"{where[split]}, row {bad + 1}: text column '{col}' is empty; fill it or drop the row.")
-        for split, ds in splits.items():
-            if not labelled.get(split, True):
-                for col in needed:
-                    bad = D.first_bad_row(ds[col], D.is_missing)
-                    if bad is not None:
-                        raise UserError(f"{where[split]}, row {bad + 1}: text column '{col}' is empty.")
 
         all_numeric = all(numeric.values())
         values = [v for split in labels for v in labels[split]]
@@ -234,7 +228,6 @@ class ClassificationSpec(TaskSpec):
             ids = {s: [float(v) for v in vs] for s, vs in labels.items()}
 
         # Derived splits, seeded and stratified.
-        import datasets
 
         base = splits["train"].add_column("__label", ids["train"]).add_column("row_id", list(range(len(splits["train"]))))
         derived = {}

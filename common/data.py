@@ -200,10 +200,3 @@ def tokenize_cached(raw: datasets.Dataset, fn: Callable[[dict], dict], key_parts
             return TokenizeResult(out, False)  # cache not writable: keep going in memory
         return TokenizeResult(datasets.load_from_disk(path), False)
 
-
-def fingerprint_table(df: pd.DataFrame, source: str) -> str:
-    """A content fingerprint of a DataFrame (for cache keys of local files)."""
-    h = hashlib.sha256(source.encode())
-    h.update(pd.util.hash_pandas_object(df.astype(str), index=True).values.tobytes())
-    h.update(repr(list(df.columns)).encode())
-    return h.hexdigest()[:16]

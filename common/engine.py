@@ -9,7 +9,6 @@ early stopping, checkpoints and exact mid-epoch resume, preemption and non-finit
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from .collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
 from .config import TrainArguments
-from .errors import EXIT_PREEMPTED, UserError
+from .errors import UserError
 from .metrics import greater_is_better
 
 logger = logging.getLogger("bert_finetune")
@@ -610,8 +609,4 @@ def _concat(arrays: list[np.ndarray], pad) -> np.ndarray:
             padded.append(a)
         arrays = padded
     return np.concatenate(arrays, axis=0)
-
-
-def jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
