@@ -43,3 +43,51 @@ def regression_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
         "pearson": math.nan if constant else float(pearsonr(preds, labels)[0]),
         "spearman": math.nan if constant else float(spearmanr(preds, labels)[0]),
     }
+
+
+def _entities(sequences: list, scheme) -> list[set]:
+    """Per sentence, the set of (type, start, end) entities; conlleval rules, or strict with a scheme."""
+    if scheme is None:
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        return [set(get_entities(list(seq))) for seq in sequences]
+    from seqeval.scheme import Entities
+
+    found = Entities([list(s) for s in sequences], scheme).entities
+    return [{(e.tag, e.start, e.end - 1) for e in sent} for sent in found]
+
+
+def _prf(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def ner_metrics(gold: list, pred: list, scheme: str | None = None) -> dict:
+    """Entity-level micro precision/recall/F1 (seqeval's entity extraction), per-type P/R/F1/support,
+    and word-level accuracy. `scheme` 'IOB2'/'IOBES' = seqeval strict mode (an entity must begin with
+    B-/S- and be well formed); None = conlleval's lenient rules (an I- after O starts an entity)."""
+    if scheme is not None:
+        from seqeval import scheme as schemes
+
+        scheme = getattr(schemes, scheme)
+    gold_sets, pred_sets = _entities(gold, scheme), _entities(pred, scheme)
+    types = sorted({e[0] for s in gold_sets + pred_sets for e in s})
+    counts = {t: [0, 0, 0] for t in types}  # tp, predicted, gold
+    for g, p in zip(gold_sets, pred_sets):
+        for e in g & p:
+            counts[e[0]][0] += 1
+        for e in p:
+            counts[e[0]][1] += 1
+        for e in g:
+            counts[e[0]][2] += 1
+    tp, n_pred, n_gold = (sum(c[i] for c in counts.values()) for i in range(3))
+    precision, recall, f1 = _prf(tp, n_pred, n_gold)
+    per_type = {}
+    for t, (t_tp, t_pred, t_gold) in counts.items():
+        p, r, f = _prf(t_tp, t_pred, t_gold)
+        per_type[t] = {"precision": p, "recall": r, "f1": f, "support": t_gold}
+    words = sum(len(s) for s in gold)
+    correct = sum(int(a == b) for g, p in zip(gold, pred) for a, b in zip(g, p))
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": correct / words if words else 0.0,
+            "num_gold_entities": n_gold, "num_predicted_entities": n_pred, "per_type": per_type}

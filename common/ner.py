@@ -1,0 +1,425 @@
+"""Token-classification data: readers for CoNLL columns, JSON/JSONL/parquet token+tag lists, CSV
+sentences with a list-literal tag column, and Hub datasets; row validation with clear errors (or
+counted skips); the label list; sub-word label alignment; sliding windows over long sentences.
+
+Every reader returns `Sentences`: words and raw tags per sentence plus where each came from, so
+that every problem is reported with the file and row (or line) it is in.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import data as D
+from .errors import UserError, closest, fmt_columns
+
+# One token per line, whitespace-separated columns, blank line between sentences.
+CONLL_EXTENSIONS = (".txt", ".conll", ".iob", ".iob2", ".bio", ".tsv")
+TABLE_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
+# Column names recognised without flags (exactly one of each must be present).
+TOKEN_COLUMNS = ("tokens", "words", "Sentence", "sentence", "text")
+TAG_COLUMNS = ("ner_tags", "tags", "labels", "Tag", "tag", "ner")
+MAX_REASONS = 5  # skipped-row reasons kept for the log and results.json
+# Words are separated by ASCII whitespace only: str.split() would also split on characters such as
+# U+0085, which is a word of its own in the real GMB data (a mis-decoded ellipsis).
+_SPACES = re.compile(r"[ \t\n\r\f\v]+")
+_ASCII_SPACE = " \t\n\r\f\v"
+
+
+def split_words(text: str) -> list[str]:
+    text = text.strip(_ASCII_SPACE)
+    return _SPACES.split(text) if text else []
+
+
+@dataclass
+class Sentences:
+    tokens: list                      # list[list[str]]
+    tags: Optional[list]              # list[list[str | int]], or None for an unlabelled split
+    rows: list                        # per sentence, where it is: "row 3", "sentence 5 (line 40)"
+    where: str                        # "--train_file 'x.txt'"
+    class_names: Optional[list] = None  # int tag -> name (a Hub ClassLabel), if any
+    skipped: int = 0
+    skip_reasons: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: bool = False) -> Sentences:
+    """CoNLL columns: the token in column 0, the tag in `tag_column_index` (default: the last column).
+
+    `-DOCSTART-` lines are skipped; several blank lines count as one separator. A file whose lines all
+    have a single column is an unlabelled file (allowed for --test_file only; the caller checks)."""
+    D.check_file(path, flag, CONLL_EXTENSIONS)
+    where = f"{flag} '{path}'"
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            lines = fh.read().split("\n")  # not splitlines(): U+0085 and friends may be tokens
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where} is not UTF-8 text (bad byte at position {err.start}); re-save it as UTF-8.") from None
+    blocks: list[tuple[int, list[tuple[int, list[str]]]]] = []  # (first line, [(line no, columns)])
+    current: list[tuple[int, list[str]]] = []
+    for number, line in enumerate(lines, start=1):
+        cols = split_words(line)
+        if not cols or cols[0] == "-DOCSTART-":
+            if current:
+                blocks.append((current[0][0], current))
+                current = []
+            continue
+        current.append((number, cols))
+    if current:
+        blocks.append((current[0][0], current))
+    if not blocks:
+        raise UserError(f"{where} holds no sentences (expected one token per line, a blank line between sentences).")
+    unlabelled = all(len(cols) == 1 for _, block in blocks for _, cols in block)
+    out = Sentences([], None if unlabelled else [], [], where)
+    for index, (first, block) in enumerate(blocks, start=1):
+        row = f"sentence {index} (line {first})"
+        if unlabelled:
+            out.tokens.append([cols[0] for _, cols in block])
+            out.rows.append(row)
+            continue
+        bad = next(((n, cols) for n, cols in block if len(cols) < 2 or not -len(cols) <= tag_column_index < len(cols)
+                    or tag_column_index % len(cols) == 0), None)
+        if bad is not None:
+            n, cols = bad
+            reason = (f"{where}, line {n}: {len(cols)} column(s) {cols!r}, but the tag is read from column "
+                      f"{tag_column_index} (--tag_column_index) and the token from column 0")
+            if skip_bad_rows:
+                _skip(out, reason)
+                continue
+            raise UserError(reason + "; fix the line, set --tag_column_index, or pass --skip_bad_rows.")
+        out.tokens.append([cols[0] for _, cols in block])
+        out.tags.append([cols[tag_column_index] for _, cols in block])
+        out.rows.append(row)
+    return out
+
+
+def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tags_column: Optional[str],
+                         labelled_required: bool) -> Sentences:
+    """csv/json/jsonl/parquet with one sentence per row: a token column (a list, or a string split on
+    whitespace) and a tag column (a list, a list literal such as "['O', 'B-geo']", or space-separated tags)."""
+    D.check_file(path, flag, TABLE_EXTENSIONS)
+    df = D.read_table(path, flag)
+    where = f"{flag} '{path}'"
+    columns = list(df.columns)
+    tok_col = resolve_column(columns, tokens_column, TOKEN_COLUMNS, "--tokens_column", where, True)
+    tag_col = resolve_column(columns, tags_column, TAG_COLUMNS, "--tags_column", where, labelled_required)
+    rows = [f"row {i + 1}" for i in range(len(df))]
+    tokens = [parse_tokens(v, where, r, tok_col) for v, r in zip(df[tok_col].tolist(), rows)]
+    tags = None
+    if tag_col is not None:
+        tags = [parse_tags(v, where, r, tag_col) for v, r in zip(df[tag_col].tolist(), rows)]
+    return Sentences(tokens, tags, rows, where)
+
+
+def from_dataset(ds, where: str, tokens_column: Optional[str], tags_column: Optional[str],
+                 labelled_required: bool) -> Sentences:
+    """A Hub `datasets.Dataset` with list columns; `ClassLabel` names are kept for integer tags."""
+    columns = list(ds.column_names)
+    tok_col = resolve_column(columns, tokens_column, TOKEN_COLUMNS, "--tokens_column", where, True)
+    tag_col = resolve_column(columns, tags_column, TAG_COLUMNS, "--tags_column", where, labelled_required)
+    rows = [f"row {i + 1}" for i in range(len(ds))]
+    tokens = [parse_tokens(v, where, r, tok_col) for v, r in zip(ds[tok_col], rows)]
+    tags, names = None, None
+    if tag_col is not None:
+        tags = [parse_tags(v, where, r, tag_col) for v, r in zip(ds[tag_col], rows)]
+        inner = getattr(ds.features[tag_col], "feature", None)
+        names = list(inner.names) if hasattr(inner, "names") else None
+    return Sentences(tokens, tags, rows, where, class_names=names)
+
+
+def resolve_column(columns: Sequence[str], given: Optional[str], candidates: Sequence[str], flag: str,
+                   where: str, required: bool) -> Optional[str]:
+    if given is not None:
+        if given not in columns:
+            if not required:
+                return None  # e.g. an unlabelled test file
+            raise UserError(f"{where} has no column '{given}' (from {flag}){closest(given, columns)}; "
+                            f"its columns are {fmt_columns(columns)}.")
+        return given
+    found = [c for c in candidates if c in columns]
+    if len(found) == 1:
+        return found[0]
+    if not found and not required:
+        return None
+    what = "several candidate" if found else "no recognised"
+    raise UserError(f"{where} has {what} columns for {flag} among {fmt_columns(columns)}; pass {flag} NAME.")
+
+
+def _literal_list(value: str):
+    """A Python/JSON list literal parsed without evaluating code (ast.literal_eval), else None."""
+    text = value.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return list(parsed) if isinstance(parsed, (list, tuple)) else None
+
+
+def _as_list(value) -> Optional[list]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return None
+
+
+def parse_tokens(value, where: str, row: str, column: str) -> list:
+    items = _as_list(value)
+    if items is None:
+        if D.is_missing(value):
+            return []
+        if not isinstance(value, str):
+            raise UserError(f"{where}, {row}: token column '{column}' holds {type(value).__name__} {value!r}; "
+                            "expected a list of words or a text.")
+        literal = _literal_list(value)
+        items = literal if literal is not None and all(isinstance(t, str) for t in literal) else split_words(value)
+    return [str(t) for t in items]
+
+
+def parse_tags(value, where: str, row: str, column: str) -> list:
+    items = _as_list(value)
+    if items is not None:
+        return items
+    if D.is_missing(value):
+        return []
+    if not isinstance(value, str):
+        raise UserError(f"{where}, {row}: tag column '{column}' holds {type(value).__name__} {value!r}; "
+                        "expected a list of tags.")
+    text = value.strip()
+    if text.startswith("["):
+        literal = _literal_list(text)
+        if literal is None:
+            raise UserError(f"{where}, {row}: tag column '{column}' is not a valid list literal "
+                            f"({text[:60]!r}); write it like ['O', 'B-PER'].")
+        return literal
+    return split_words(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and the label list
+# ---------------------------------------------------------------------------------------------
+
+def tag_pattern(scheme: Optional[str]) -> re.Pattern:
+    """Accepted tags: O or PREFIX-TYPE; IOB2 strict mode allows only B/I prefixes."""
+    prefixes = "BI" if scheme == "IOB2" else "BIES"
+    return re.compile(rf"^(O|[{prefixes}]-\S+)$")
+
+
+def _skip(out: Sentences, reason: str) -> None:
+    out.skipped += 1
+    if len(out.skip_reasons) < MAX_REASONS:
+        out.skip_reasons.append(reason)
+
+
+def clean(sents: Sentences, label_names: Optional[list], scheme: Optional[str], skip_bad_rows: bool) -> Sentences:
+    """Tags as strings; every row checked (empty sentence, token/tag count mismatch, unknown or
+    malformed tag). A bad row raises a UserError naming the file and row, or with `skip_bad_rows` is
+    dropped and counted."""
+    names = sents.class_names or label_names
+    allowed = set(label_names) if label_names else None
+    pattern = tag_pattern(scheme)
+    out = Sentences([], [] if sents.tags is not None else None, [], sents.where, sents.class_names,
+                    sents.skipped, list(sents.skip_reasons))
+    for i, (words, row) in enumerate(zip(sents.tokens, sents.rows)):
+        reason, tags = None, None
+        if not words:
+            reason = f"{sents.where}, {row}: the sentence is empty"
+        elif any(not w.strip(_ASCII_SPACE) for w in words):
+            j = next(j for j, w in enumerate(words) if not w.strip(_ASCII_SPACE))
+            reason = f"{sents.where}, {row}: word {j + 1} is empty"
+        elif sents.tags is not None:
+            raw = sents.tags[i]
+            if len(raw) != len(words):
+                reason = f"{sents.where}, {row}: {len(words)} tokens but {len(raw)} tags"
+            else:
+                tags, reason = _tag_names(raw, names, allowed, pattern, sents.where, row, scheme)
+        if reason is not None:
+            if skip_bad_rows:
+                _skip(out, reason)
+                continue
+            raise UserError(reason + "; fix the row or pass --skip_bad_rows to skip such rows.")
+        out.tokens.append(list(words))
+        out.rows.append(row)
+        if out.tags is not None:
+            out.tags.append(tags)
+    return out
+
+
+def _tag_names(raw: list, names: Optional[list], allowed: Optional[set], pattern: re.Pattern, where: str,
+               row: str, scheme: Optional[str]) -> tuple[Optional[list], Optional[str]]:
+    tags = []
+    for j, tag in enumerate(raw):
+        if isinstance(tag, (bool, np.bool_)) or not isinstance(tag, (str, int, np.integer)):
+            return None, f"{where}, {row}: tag {j + 1} is {tag!r}, not a tag name or an integer id"
+        if isinstance(tag, str) and names and tag not in names and tag.strip().isdigit():
+            tag = int(tag)  # integer ids written as text (e.g. "3 0 0" in a csv)
+        if not isinstance(tag, str):
+            if not names:
+                return None, (f"{where}, {row}: tag {j + 1} is the integer {tag}, but there is no label list to "
+                              "name it (pass --label_names O B-PER I-PER ... in id order)")
+            if not 0 <= int(tag) < len(names):
+                return None, f"{where}, {row}: tag id {tag} is outside the {len(names)} labels {names}"
+            tag = names[int(tag)]
+        tag = tag.strip()
+        if allowed is not None and tag not in allowed:
+            return None, f"{where}, {row}: tag '{tag}' is not one of --label_names{closest(tag, allowed)}"
+        if not pattern.match(tag):
+            kind = "IOB2 (O, B-TYPE, I-TYPE)" if scheme == "IOB2" else "IOB/IOBES (O, B-TYPE, I-TYPE, E-TYPE, S-TYPE)"
+            return None, f"{where}, {row}: tag '{tag}' is not in {kind} form"
+        tags.append(tag)
+    return tags, None
+
+
+def inside_tag(tag: str) -> str:
+    """The tag a word's continuation pieces get with --label_all_tokens: I- of the same type."""
+    return tag if tag == "O" else "I-" + tag[2:]
+
+
+def label_list(tag_lists: Sequence[Sequence[str]], extra: Sequence[str] = (), label_all_tokens: bool = False) -> list:
+    """'O' first, then every other tag sorted; with label_all_tokens the I- tag of every type is included."""
+    seen = {t for tags in tag_lists for t in tags} | set(extra)
+    if label_all_tokens:
+        seen |= {inside_tag(t) for t in seen}
+    seen.add("O")
+    return ["O"] + sorted(seen - {"O"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-word alignment and sliding windows
+# ---------------------------------------------------------------------------------------------
+
+def align_labels(word_ids: Sequence[Optional[int]], word_labels: Optional[Sequence[int]], first: int,
+                 scored: tuple[int, int], label_all_tokens: bool, inside: dict) -> tuple[list, list]:
+    """Per-token labels and word indices for one window.
+
+    `word_ids` come from the fast tokenizer (None for special tokens) and are relative to the window,
+    whose first word is sentence word `first`. Only words in the `scored` range [start, end) of the
+    sentence carry labels (the others are context). The first piece of a word gets the word's label
+    and its sentence word index; continuation pieces get -100 (or, with label_all_tokens, the I- tag
+    of the word's type) and word index -1, so evaluation reads exactly one prediction per word.
+    """
+    labels, words = [], []
+    previous = None
+    for w in word_ids:
+        if w is None:
+            labels.append(-100)
+            words.append(-1)
+            continue
+        g = first + w
+        in_scope = scored[0] <= g < scored[1]
+        if w != previous and in_scope:
+            labels.append(word_labels[g] if word_labels is not None else -100)
+            words.append(g)
+        elif in_scope and label_all_tokens and word_labels is not None:
+            labels.append(inside[word_labels[g]])
+            words.append(-1)
+        else:
+            labels.append(-100)
+            words.append(-1)
+        previous = w
+    return labels, words
+
+
+def plan_windows(pieces: Sequence[int], budget: int) -> list[tuple[int, int, int, int]]:
+    """Windows (start, end, score_start, score_end) over a sentence whose words have `pieces`
+    sub-tokens each, with at most `budget` sub-tokens per window.
+
+    A sentence that fits is one window. A longer one is cut into consecutive scored blocks of about
+    half the budget; each block is widened with whole context words on both sides up to the budget,
+    so every word is scored exactly once and never at a window edge without context. A single word
+    longer than the budget is a block of its own and keeps its first `budget` pieces.
+    """
+    n = len(pieces)
+    if sum(pieces) <= budget:
+        return [(0, n, 0, n)]
+    half = max(1, budget // 2)
+    windows = []
+    a = 0
+    while a < n:
+        b, used = a, 0
+        while b < n and (b == a or used + pieces[b] <= half):
+            used += pieces[b]
+            b += 1
+        room = budget - used
+        left, right = a, b
+        share = room // 2
+        while left > 0 and pieces[left - 1] <= share:  # left context: up to half of the room
+            share -= pieces[left - 1]
+            room -= pieces[left - 1]
+            left -= 1
+        while right < n and pieces[right] <= room:     # right context: the rest
+            room -= pieces[right]
+            right += 1
+        while left > 0 and pieces[left - 1] <= room:   # anything still free goes left again
+            room -= pieces[left - 1]
+            left -= 1
+        windows.append((left, right, a, b))
+        a = b
+    return windows
+
+
+def encode_sentences(tokenizer, sentences: Sequence[Sequence[str]], tag_ids: Optional[Sequence[Sequence[int]]],
+                     row_ids: Sequence[int], max_length: int, label_all_tokens: bool, inside: dict) -> dict:
+    """Tokenize pre-split sentences into (possibly several) windows each; columns for the PadCollator
+    plus row_id (the sentence), length, and counts of windowed sentences and dropped words."""
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    plain = tokenizer(list(map(list, sentences)), is_split_into_words=True, add_special_tokens=False)
+    plans, window_words = [], []
+    for i, words in enumerate(sentences):
+        counts = np.bincount([w for w in plain.word_ids(i) if w is not None], minlength=len(words))
+        plan = plan_windows(counts.tolist(), budget)
+        plans.append(plan)
+        window_words.extend(list(words[s:e]) for s, e, _, _ in plan)
+    enc = tokenizer(window_words, is_split_into_words=True, truncation=True, max_length=max_length)
+    out = {k: [] for k in enc.keys()}
+    out.update(labels=[], word_ids=[], row_id=[], length=[], windowed=[], dropped_words=[])
+    k = 0
+    for i, plan in enumerate(plans):
+        labels_i = tag_ids[i] if tag_ids is not None else None
+        for start, _end, s0, s1 in plan:
+            labels, words = align_labels(enc.word_ids(k), labels_i, start, (s0, s1), label_all_tokens, inside)
+            for key in enc.keys():
+                out[key].append(enc[key][k])
+            out["labels"].append(labels)
+            out["word_ids"].append(words)
+            out["row_id"].append(int(row_ids[i]))
+            out["length"].append(len(enc["input_ids"][k]))
+            out["windowed"].append(len(plan) > 1)
+            # words of the scored block whose first piece did not fit (a word of only unknown
+            # characters, or pieces cut by truncation): scored as predicted 'O' in evaluation
+            out["dropped_words"].append((s1 - s0) - sum(1 for w in words if w >= 0))
+            k += 1
+    if tag_ids is None:
+        del out["labels"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: one prediction per word, back in sentence order
+# ---------------------------------------------------------------------------------------------
+
+def word_predictions(predictions: np.ndarray, word_ids: np.ndarray, row_ids: np.ndarray,
+                     offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scatter per-token predictions of gathered windows into one flat per-word array.
+
+    `offsets[r]` is the position of sentence r's first word in the flat array (offsets[-1] = total).
+    Returns (predicted label id per word, -1 where no prediction exists; whether each word was seen).
+    """
+    flat = np.full(int(offsets[-1]), -1, dtype=np.int64)
+    if len(row_ids):
+        mask = word_ids >= 0
+        rows = np.broadcast_to(row_ids.reshape(-1, 1), word_ids.shape)[mask]
+        flat[offsets[rows] + word_ids[mask]] = predictions[mask]
+    return flat, flat >= 0
