@@ -56,9 +56,11 @@ class ClsDataArguments:
     task_type: Literal["auto", "classification", "regression"] = field(default="auto", metadata={
         "help": "auto: float labels with fractions -> regression, anything else -> classification."})
     validation_split: float = field(default=0.1, metadata={
-        "help": "Fraction of train held out (stratified, seeded) when there is no validation data."})
+        "help": "Fraction of the training file held out (stratified, seeded) as validation data when there is "
+                "none; with --kfold, the fraction of the training folds used to pick the best model."})
     test_split: float = field(default=0.0, metadata={
-        "help": "Fraction of train held out as a test set when there is no test data."})
+        "help": "Fraction of the training file held out as a test set when there is no test data "
+                "(--test_split 0.15 --validation_split 0.15: a 70/15/15 split)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if cached."})
@@ -148,8 +150,52 @@ def parse_labels(values: list, where: str, column: str) -> tuple[list, bool]:
     return out, numeric
 
 
+def split_plan(a, ctx: Context, n: int, labels: Optional[np.ndarray], given: dict) -> dict:
+    """Row indices of the training file for train and each derived split (seeded, stratified by label).
+
+    Single runs and seeds: --test_split then --validation_split, both fractions of the training file.
+    K-fold (ctx.split.kfold): the held-out fold is the test split; --validation_split of the other folds
+    is the inner validation split that picks the best model; the held-out fold never does."""
+    from common.stats import kfold_indices
+
+    plan, args = ctx.split, ctx.args
+    seed = plan.seed if plan is not None else args.seed
+    rows = np.arange(n)
+    out = {}
+    if plan is not None and plan.kfold:
+        for split, flag in (("validation", "--validation_file"), ("test", "--test_file")):
+            if split in given:
+                raise UserError(f"--kfold holds out folds of --train_file as test sets and draws validation from the "
+                                f"other folds; drop {flag} (or run without --kfold).")
+        if plan.kfold > n:
+            raise UserError(f"--kfold {plan.kfold} is more folds than the {n} training rows.")
+        train, held = kfold_indices(n, plan.kfold, plan.fold, seed, labels)
+        out["test"] = held
+        rows = train
+        if a.validation_split > 0:
+            keep, take = D.split_indices(len(rows), a.validation_split, seed + 1,
+                                         None if labels is None else labels[rows])
+            out["validation"], rows = rows[take], rows[keep]
+    else:
+        if "test" not in given and a.test_split > 0:
+            keep, take = D.split_indices(n, a.test_split, seed, labels)
+            out["test"], rows = take, keep
+        if "validation" not in given and a.validation_split > 0:
+            fraction = a.validation_split / (1 - (a.test_split if "test" in out else 0))
+            if fraction >= 1:
+                raise UserError(f"--validation_split {a.validation_split} and --test_split {a.test_split} leave no "
+                                "training data; their sum must be below 1.")
+            keep, take = D.split_indices(len(rows), fraction, seed + 1, None if labels is None else labels[rows])
+            out["validation"], rows = rows[take], rows[keep]
+    if args.max_train_samples:
+        rows = rows[: args.max_train_samples]
+    out["train"] = rows
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
 class ClassificationSpec(TaskSpec):
     description = __doc__
+    supports_kfold = True
     data_arguments = ClsDataArguments
     pipeline_task = "text-classification"
     task_name = "classification"
@@ -227,30 +273,9 @@ class ClassificationSpec(TaskSpec):
         else:
             ids = {s: [float(v) for v in vs] for s, vs in labels.items()}
 
-        # Derived splits, seeded and stratified.
-
-        base = splits["train"].add_column("__label", ids["train"]).add_column("row_id", list(range(len(splits["train"]))))
-        derived = {}
-        strat = None if regression else ids["train"]
-        if "test" not in splits and a.test_split > 0:
-            keep, take = D.split_indices(len(base), a.test_split, args.seed, strat)
-            derived["test"] = base.select(take)
-            base = base.select(keep)
-            strat = None if regression else base["__label"]
-        if "validation" not in splits and a.validation_split > 0:
-            keep, take = D.split_indices(len(base), a.validation_split, args.seed + 1, strat)
-            derived["validation"] = base.select(take)
-            base = base.select(keep)
-        if args.max_train_samples:
-            base = base.select(range(min(args.max_train_samples, len(base))))
-        prepared = {"train": base, **derived}
-        for split in ("validation", "test"):
-            if split in splits:
-                ds = splits[split]
-                ds = ds.add_column("row_id", list(range(len(ds))))
-                ds = ds.add_column("__label", ids[split]) if labelled.get(split) else ds
-                prepared[split] = ds
-
+        # The whole training file is tokenized once (cached); derived splits and k-fold folds are
+        # index selections of it, so seeds and folds never tokenize again.
+        pool = splits["train"].add_column("__label", ids["train"]).add_column("row_id", list(range(len(splits["train"]))))
         sep = a.text_separator if a.text_separator is not None else f" {tok.sep_token or ''} "
 
         def encode(batch):
@@ -264,15 +289,27 @@ class ClassificationSpec(TaskSpec):
             return enc
 
         tok_key = D.tokenizer_fingerprint(tok)
-        out = {}
-        for split, ds in prepared.items():
-            keep_cols = {"row_id"}
+
+        def tokenize(split, ds):
             res = D.tokenize_cached(ds, encode, [tok_key, a.max_length, texts, pair, sep, regression, class_names],
-                                    ctx.accelerator, remove_columns=[c for c in ds.column_names if c not in keep_cols],
+                                    ctx.accelerator, remove_columns=[c for c in ds.column_names if c != "row_id"],
                                     num_proc=a.preprocessing_num_workers, overwrite=a.overwrite_cache,
                                     desc=f"Tokenizing {split}")
-            out[split] = res.dataset
             ctx.timings[f"tokenize_{split}_cached"] = res.from_cache
+            return res.dataset
+
+        tok_pool = tokenize("train", pool)
+        idx = split_plan(a, ctx, len(pool), None if regression else np.asarray(ids["train"]), splits)
+        prepared = {split: pool.select(rows) for split, rows in idx.items()}
+        out = {split: tok_pool.select(rows) for split, rows in idx.items()}
+        derived = sorted(s for s in idx if s != "train")
+        for split in ("validation", "test"):
+            if split in splits:
+                ds = splits[split]
+                ds = ds.add_column("row_id", list(range(len(ds))))
+                ds = ds.add_column("__label", ids[split]) if labelled.get(split) else ds
+                prepared[split] = ds
+                out[split] = tokenize(split, ds)
         truncated = int(sum(1 for n in out["train"]["length"] if n >= a.max_length))
         self.texts, self.pair, self.label_col = texts, pair, label_col
         self.regression, self.class_names = regression, class_names
@@ -280,8 +317,11 @@ class ClassificationSpec(TaskSpec):
         info = {"source": source, "text_columns": texts, "text_pair_column": pair, "label_column": label_col,
                 "problem_type": "regression" if regression else "single_label_classification",
                 "labels": class_names, "sizes": {s: len(d) for s, d in out.items()},
-                "derived_splits": sorted(derived), "train_truncated_examples": truncated,
-                "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out}}
+                "derived_splits": derived, "train_truncated_examples": truncated,
+                "split_seed": ctx.split.seed if ctx.split else args.seed,
+                **({"kfold": ctx.split.kfold, "fold": ctx.split.fold + 1, "held_out_rows": len(idx["test"])}
+                   if ctx.split and ctx.split.kfold else {}),
+                "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out if s not in derived}}
         return PreparedData(train=out["train"], eval=out.get("validation"),
                             test=out.get("test"),
                             raw=prepared, info=info,

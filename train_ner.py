@@ -140,6 +140,7 @@ def freeze(model, embeddings: bool, layers: int) -> list[str]:
 
 class NerSpec(TaskSpec):
     description = __doc__
+    supports_kfold = True
     data_arguments = NerDataArguments
     pipeline_task = "token-classification"
     task_name = "token-classification"
@@ -162,10 +163,13 @@ class NerSpec(TaskSpec):
                 logger.warning("%s: skipped %d bad rows, e.g. %s", sents.where, cleaned[split].skipped,
                                cleaned[split].skip_reasons[0])
 
+        split_seed = ctx.split.seed if ctx.split is not None else args.seed
+        if ctx.split is not None and ctx.split.kfold:
+            return self._load_kfold(ctx, cleaned, raw, split_seed)
         # Derived validation split (seeded) before anything else touches the training rows.
         if "validation" not in cleaned and a.validation_split > 0:
             train = cleaned["train"]
-            keep, take = D.split_indices(len(train), a.validation_split, args.seed + 1)
+            keep, take = D.split_indices(len(train), a.validation_split, split_seed + 1)
             cleaned["validation"] = _subset(train, take, f"{train.where} (held-out validation)")
             cleaned["train"] = _subset(train, keep, train.where)
         if args.max_train_samples:
@@ -230,6 +234,61 @@ class NerSpec(TaskSpec):
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out}}
         return PreparedData(train=out["train"], eval=out.get("validation"), test=out.get("test"), raw=cleaned,
                             info=info, identity={"labels": self.labels})
+
+    def _load_kfold(self, ctx: Context, cleaned: dict, raw: dict, seed: int) -> PreparedData:
+        """K-fold by sentence: the training file is tokenized once with row ids = sentence index, and every
+        split of a fold is a selection of its windows (held-out fold = test, inner validation from the rest)."""
+        import datasets
+
+        from common.stats import kfold_indices
+
+        a, args, tok, plan = ctx.data_args, ctx.args, ctx.tokenizer, ctx.split
+        for split, flag in (("validation", "--validation_file"), ("test", "--test_file")):
+            if split in cleaned:
+                raise UserError(f"--kfold holds out folds of --train_file as test sets and draws validation from the "
+                                f"other folds; drop {flag} (or run without --kfold).")
+        pool = cleaned["train"]
+        if plan.kfold > len(pool):
+            raise UserError(f"--kfold {plan.kfold} is more folds than the {len(pool)} training sentences.")
+        self.labels = N.label_list(pool.tags, (raw["train"].class_names or []) + list(a.label_names or []),
+                                   a.label_all_tokens)
+        label2id = {t: i for i, t in enumerate(self.labels)}
+        inside = {i: label2id[N.inside_tag(t)] if N.inside_tag(t) in label2id else i for i, t in enumerate(self.labels)}
+        self.words, self.gold = pool.tokens, pool.tags
+        offsets = np.zeros(len(self.words) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(w) for w in self.words])
+        self.offsets = offsets
+        ds = datasets.Dataset.from_dict({"tokens": pool.tokens, "row_id": list(range(len(pool))),
+                                         "tag_ids": [[label2id[t] for t in tags] for tags in pool.tags]})
+
+        def encode(batch):
+            return N.encode_sentences(tok, batch["tokens"], batch["tag_ids"], batch["row_id"], a.max_length,
+                                      a.label_all_tokens, inside)
+
+        res = D.tokenize_cached(ds, encode, [D.tokenizer_fingerprint(tok), a.max_length, a.label_all_tokens, self.labels],
+                                ctx.accelerator, remove_columns=ds.column_names, num_proc=a.preprocessing_num_workers,
+                                overwrite=a.overwrite_cache, desc="Tokenizing train")
+        ctx.timings["tokenize_train_cached"] = res.from_cache
+        enc = res.dataset.remove_columns(["windowed", "dropped_words"])
+        train, held = kfold_indices(len(pool), plan.kfold, plan.fold, seed)
+        rows = {"test": held}
+        if a.validation_split > 0:
+            keep, take = D.split_indices(len(train), a.validation_split, seed + 1)
+            rows["validation"], train = train[take], train[keep]
+        if args.max_train_samples:
+            train = train[: args.max_train_samples]
+        rows["train"] = train
+        window_rows = np.asarray(enc["row_id"])
+        out = {split: enc.select(np.flatnonzero(np.isin(window_rows, r))) for split, r in rows.items()}
+        self.row_base = {}
+        source = f"{a.dataset}/{a.dataset_config}" if a.dataset else os.path.basename(a.train_file)
+        info = {"source": source, "labels": self.labels, "label_all_tokens": a.label_all_tokens,
+                "iob_scheme": a.iob_scheme or "conlleval (lenient)", "max_length": a.max_length,
+                "sizes": {s: int(len(r)) for s, r in rows.items()}, "kfold": plan.kfold, "fold": plan.fold + 1,
+                "split_seed": seed, "derived_splits": sorted(s for s in rows if s != "train"),
+                "tokenization_cached": {"train": res.from_cache}}
+        return PreparedData(train=out["train"], eval=out.get("validation"), test=out["test"],
+                            raw={"train": pool}, info=info, identity={"labels": self.labels})
 
     def build_model(self, ctx: Context, data: PreparedData):
         from transformers import AutoModelForTokenClassification

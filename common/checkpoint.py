@@ -36,6 +36,7 @@ class TrainerState:
     kind: str = "periodic"          # "periodic" | "best" | "preempted"
     identity: dict = field(default_factory=dict)  # model/task/labels: refuse resuming into a different run
     scheduler: dict = field(default_factory=dict)  # LR scheduler position (JSON, no pickle)
+    initial_eval: dict = field(default_factory=dict)  # metrics of the weights before training (if measured)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

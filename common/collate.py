@@ -10,7 +10,7 @@ from torch.utils.data import Sampler
 
 # Padding values per key; keys not listed are stacked as they are (scalar labels, row ids).
 PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": -100,
-              "special_tokens_mask": 1, "word_ids": -1}
+              "special_tokens_mask": 1, "word_ids": -1, "word_start": 1}
 
 
 class PadCollator:

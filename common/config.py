@@ -66,7 +66,9 @@ class TrainArguments:
         "When to evaluate: after every epoch, every eval_steps optimizer steps, or never."))
     eval_steps: Optional[int] = field(default=None, metadata=_help(
         "Evaluate every N optimizer steps (implies eval_strategy=steps)."))
-    logging_steps: int = field(default=50, metadata=_help("Log loss, lr, grad norm and speed every N steps."))
+    logging_steps: Optional[int] = field(default=None, metadata=_help(
+        "Log loss, lr, grad norm and speed every N steps (default: about 40 points per run, at most every 50 "
+        "steps, so short runs still draw a learning curve)."))
     metric_for_best_model: Optional[str] = field(default=None, metadata=_help(
         "Validation metric that picks the best model and drives early stopping (task default if unset)."))
     greater_is_better: Optional[bool] = field(default=None, metadata=_help(
@@ -99,12 +101,27 @@ class TrainArguments:
         "Skip optimizer steps whose loss is NaN/inf (counted) instead of stopping."))
     max_train_samples: Optional[int] = field(default=None, metadata=_help("Truncate the training set (debugging)."))
     max_eval_samples: Optional[int] = field(default=None, metadata=_help("Truncate eval/test sets (debugging)."))
+    seeds: Optional[list[int]] = field(default=None, metadata=_help(
+        "One run per seed (e.g. --seeds 42 142 242), each in output_dir/seed_<s>; summary.json has mean, std "
+        "and 95%% t-intervals of every metric."))
+    num_runs: int = field(default=1, metadata=_help("Runs with seeds --seed, --seed+100, ... (like --seeds)."))
+    resplit_per_seed: bool = field(default=False, metadata=_help(
+        "Each seed also draws its own derived validation/test split (default: the split of --seed for all)."))
+    kfold: int = field(default=0, metadata=_help(
+        "K-fold cross-validation on the training file (stratified for classification): each fold is held out "
+        "once as the test set; --validation_split of the other folds picks the best model."))
+
+    def run_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed + 100 * i for i in range(self.num_runs)]
+
+    def is_repeated(self) -> bool:
+        return self.kfold >= 2 or len(self.run_seeds()) > 1
 
     def __post_init__(self) -> None:
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps"]
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if not self.learning_rate > 0:
             raise UserError(f"--learning_rate must be positive, got {self.learning_rate}.")
@@ -125,6 +142,20 @@ class TrainArguments:
             if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:
                 raise UserError(
                     f"--checkpointing_steps must be a positive integer or 'epoch', got '{self.checkpointing_steps}'.")
+        if self.seeds is not None:
+            if self.num_runs != 1:
+                raise UserError("pass either --seeds or --num_runs, not both.")
+            if not self.seeds:
+                raise UserError("--seeds needs at least one seed.")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise UserError(f"--seeds has repeated values ({' '.join(map(str, self.seeds))}); repeated seeds "
+                                "give identical runs and a falsely narrow interval.")
+        if self.num_runs < 1:
+            raise UserError(f"--num_runs must be 1 or more, got {self.num_runs}.")
+        if self.kfold == 1 or self.kfold < 0:
+            raise UserError(f"--kfold must be 2 or more (or 0 for no cross-validation), got {self.kfold}.")
+        if self.resplit_per_seed and len(self.run_seeds()) < 2:
+            raise UserError("--resplit_per_seed needs several seeds (--seeds S1 S2 ... or --num_runs N).")
         if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise UserError("--save_total_limit must be a positive integer.")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:

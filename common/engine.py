@@ -240,6 +240,8 @@ class Engine:
         self.state = ckpt.TrainerState(num_processes=accelerator.num_processes, identity=identity)
         self._stop_signal: Optional[int] = None
         self.history: list[dict] = []
+        self.last_eval: Optional[tuple[int, EvalResult]] = None  # (step, result) of the latest evaluation
+        self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
 
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -256,6 +258,8 @@ class Engine:
         else:
             self.model, self.optimizer, self.train_dl = accelerator.prepare(model, optimizer, train_dl)
             self.eval_dl = None
+        if hasattr(task, "after_prepare"):
+            task.after_prepare(accelerator.unwrap_model(self.model))
 
         # Schedule lengths in optimizer steps, computed on the *prepared* (sharded) dataloader.
         accum = args.gradient_accumulation_steps
@@ -264,6 +268,7 @@ class Engine:
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * self.steps_per_epoch)
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.warmup_steps = args.warmup_steps or math.ceil(args.warmup_ratio * self.total_steps)
+        self.logging_steps = args.logging_steps or max(1, min(50, self.total_steps // 40))
         from transformers import get_scheduler
 
         # Not passed to prepare(): a prepared scheduler steps once per process; ours steps once per
@@ -377,6 +382,9 @@ class Engine:
                             f"choose one of {', '.join(sorted(metrics))}.")
         value = metrics[self.metric]
         improved = self._is_better(value)
+        self.last_eval = (self.state.global_step, result)
+        if improved:
+            self.best_eval = (self.state.global_step, result)
         if improved:
             self.state.best_metric, self.state.best_step = float(value), self.state.global_step
             self.state.evals_without_improvement = 0
@@ -453,6 +461,10 @@ class Engine:
                     n = min(args.gradient_accumulation_steps, batches_left)
                     window = [next(iterator) for _ in range(n)]
                     batches_left -= n
+                    if hasattr(self.task, "prepare_batch"):  # e.g. MLM masking: seeded per micro-batch
+                        for i in range(n):
+                            torch.manual_seed(self._micro_seed(i, stream=1))
+                            window[i] = self.task.prepare_batch(window[i])
                     items = sum(self.task.count_items(b) for b in window).to(torch.float64)
                     if acc.num_processes > 1:
                         items = acc.reduce(items, reduction="sum")
@@ -462,8 +474,7 @@ class Engine:
                     for i, batch in enumerate(window):
                         sync = i == n - 1
                         acc.gradient_state._set_sync_gradients(sync)
-                        micro = (state.global_step * args.gradient_accumulation_steps + i)
-                        torch.manual_seed((args.seed * 1_000_003 + micro) * 4099 + acc.process_index)
+                        torch.manual_seed(self._micro_seed(i))
                         with (contextlib.nullcontext() if sync else acc.no_sync(self.model)):
                             loss = self.task.loss_sum(self.model, batch)
                             acc.backward(loss * scale.to(loss.dtype))
@@ -501,7 +512,7 @@ class Engine:
                     state.samples_seen += sum(len(b["input_ids"]) for b in window) * acc.num_processes
                     bar.update(1)
                     step = state.global_step
-                    at_log = step % args.logging_steps == 0 or step == self.total_steps
+                    at_log = step % self.logging_steps == 0 or step == self.total_steps
                     if check_every_step or at_log:
                         self._check_finite(first_bad)
                     if at_log:
@@ -550,6 +561,20 @@ class Engine:
         self._check_finite(first_bad)
         state.train_seconds = time.perf_counter() - t_start
 
+    def _micro_seed(self, i: int, stream: int = 0) -> int:
+        """The RNG seed of micro-batch i of the coming optimizer step on this process: dropout and
+        masking depend on the step alone, so a resumed run draws what the uninterrupted one drew."""
+        micro = self.state.global_step * self.args.gradient_accumulation_steps + i
+        base = (self.args.seed * 1_000_003 + micro) * 4099 + self.accelerator.process_index
+        return base if stream == 0 else (base * 7919 + stream) % 2**63
+
+    def evaluate_initial(self) -> None:
+        """Evaluate the weights before any training step (logged at step 0, kept in the trainer state)."""
+        result = self.evaluate()
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        self.state.initial_eval = metrics
+        self.record({"eval_" + k: v for k, v in metrics.items()} | {"initial": True})
+
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         """Collective: raise if any process saw a non-finite loss (first_bad = its step, or -1)."""
         seen = first_bad.reshape(1)
@@ -563,6 +588,16 @@ class Engine:
                             "No weights were saved from that point.")
 
     # -- the end --------------------------------------------------------------------------------
+    def result_for_final_weights(self, restored: bool) -> Optional[EvalResult]:
+        """The evaluation already made of the weights that will be saved, if any (no need to repeat it)."""
+        if restored:
+            if self.best_eval is not None and self.best_eval[0] == self.state.best_step:
+                return self.best_eval[1]
+            return None
+        if self.last_eval is not None and self.last_eval[0] == self.state.global_step:
+            return self.last_eval[1]
+        return None
+
     def restore_best(self) -> bool:
         """Load the best evaluated weights into the model (collective). True if there were any."""
         best = os.path.join(self.ckpt_root, BEST)

@@ -29,6 +29,8 @@ class Context:
     tokenizer: Any = None
     model_config: Any = None
     timings: dict = field(default_factory=dict)
+    split: Any = None       # repeats.SplitPlan of a multi-run job: split seed, k-fold and held-out fold
+    run_name: str = ""
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TaskSpec:
     data_arguments: type = object
     pipeline_task = ""
     task_name = ""
+    supports_kfold = False
 
     def tokenizer_kwargs(self, ctx: Context) -> dict:
         return {}
@@ -65,6 +68,14 @@ class TaskSpec:
 
     def write_predictions(self, ctx: Context, data: PreparedData, split: str, outputs: dict) -> None:
         pass
+
+    eval_before_training = False  # evaluate the starting weights first (results["eval_before_training"])
+
+    def extra_results(self, ctx: Context, data: PreparedData, results: dict, engine) -> dict:
+        return {}
+
+    def after_save(self, ctx: Context, output_dir: str) -> None:
+        """Runs on the main process after the model and tokenizer are saved."""
 
     def model_card(self, ctx: Context, data: PreparedData) -> dict:
         return {"labels": None, "example": "print(pipe('...'))"}
@@ -121,6 +132,7 @@ def load_pretrained(auto_class, model_args: ModelArguments, **kwargs):
         raise UserError(_model_load_message(name, err, "model")) from None
     new = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0]
                                                      for k in info.get("mismatched_keys", [])})
+    model._unexpected_keys = sorted(info.get("unexpected_keys", []))
     if new:
         logger.info("newly initialised weights (trained from scratch here): %s", ", ".join(new))
     return model, new
@@ -157,9 +169,20 @@ def run(spec: TaskSpec, argv: Optional[Sequence[str]] = None) -> dict:
     model_args, data_args, args = parse_args([ModelArguments, spec.data_arguments, TrainArguments], argv,
                                              spec.description)
     reset_accelerate_state()
-    reporting.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    repeated = args.is_repeated()
+    if repeated and args.resume_from_checkpoint:
+        raise UserError("--resume_from_checkpoint is for single runs; a multi-run job (--seeds/--num_runs/--kfold) "
+                        "continues by itself when restarted with the same command.")
+    if repeated and args.kfold and not spec.supports_kfold:
+        raise UserError(f"--kfold is not available for {spec.task_name}; use --seeds for repeated runs.")
+    if not repeated:
+        reporting.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     accelerator = make_accelerator(args, args.output_dir)
     try:
+        if repeated:
+            from . import repeats
+
+            return repeats.run_all(spec, model_args, data_args, args, accelerator, _run)
         return _run(spec, Context(model_args, data_args, args, accelerator))
     finally:
         accelerator.end_training()
@@ -216,9 +239,13 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
     collator = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id, multiple, fixed))
     eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
     identity = {"model": ctx.model_args.model, "task": spec.task_name, **data.identity}
+    if ctx.split is not None:
+        identity["split"] = [ctx.split.seed, ctx.split.kfold, ctx.split.fold]
     task = spec.make_task(ctx, data, model)
     engine = Engine(task, model, args, accelerator, args.output_dir, data.train, eval_sorted, collator,
                     identity, log_fn=log_writer)
+    if spec.eval_before_training and engine.eval_dl is not None and resume is None:
+        engine.evaluate_initial()
     try:
         engine.train(resume)
     except Preempted as stop:
@@ -233,13 +260,18 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
     for split, dataset in (("eval", data.eval), ("test", data.test)):
         if dataset is None:
             continue
-        loader = accelerator.prepare(engine.eval_loader(length_sorted(dataset)))
-        outcome = engine.evaluate(loader)
+        outcome = engine.result_for_final_weights(restored) if split == "eval" and eval_sorted is not None else None
+        if outcome is None:
+            loader = accelerator.prepare(engine.eval_loader(length_sorted(dataset)))
+            outcome = engine.evaluate(loader)
         results[split] = outcome.metrics | {"num_examples": int(len(next(iter(outcome.outputs.values()))))}
         if accelerator.is_main_process:
             spec.write_predictions(ctx, data, split, outcome.outputs)
     eval_seconds = time.perf_counter() - t_eval
     engine.save_model(ctx.tokenizer)
+    if accelerator.is_main_process:
+        spec.after_save(ctx, args.output_dir)
+    accelerator.wait_for_everyone()
     st = engine.state
     results["train"] = {
         "global_step": st.global_step, "total_steps": engine.total_steps, "epochs": engine.num_epochs,
@@ -258,15 +290,40 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
     results["setup"] = setup_info(accelerator)
     results["data"] = data.info
     results["model"] = {"base_model": ctx.model_args.model, "newly_initialised": getattr(model, "_new_weights", [])}
+    if engine.state.initial_eval:
+        results["eval_before_training"] = engine.state.initial_eval
+    results.update(spec.extra_results(ctx, data, results, engine))
     if accelerator.is_main_process:
         card = spec.model_card(ctx, data)
         reporting.write_model_card(args.output_dir, task=spec.task_name, base_model=ctx.model_args.model,
                                    data=data.info.get("source", "local files"), results=results,
                                    labels=card.get("labels"), pipeline_task=spec.pipeline_task,
                                    example=card["example"])
-        reporting.write_json(os.path.join(args.output_dir, reporting.RESULTS), results)
+        draw_run_plots(args.output_dir, engine.metric, results, ctx.run_name)
+        reporting.write_json(os.path.join(args.output_dir, reporting.RESULTS), results)  # last: marks the run done
     engine.cleanup_best()
     summary = " ".join(f"{split}_{k}={v:.4f}" for split in ("eval", "test") for k, v in results.get(split, {}).items()
                        if isinstance(v, float))
     logger.info("done in %.1f s (train %.1f s): %s", results["timing"]["total_seconds"], t_train, summary)
     return results
+
+
+def draw_run_plots(output_dir: str, metric: str, results: dict, name: str = "") -> None:
+    """learning_curve.png from log_history.jsonl, and confusion_matrix.png when there is one."""
+    import json
+
+    from . import plots
+
+    path = os.path.join(output_dir, reporting.LOG_HISTORY)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            history = [json.loads(line) for line in fh if line.strip()]
+        plots.safely(plots.learning_curve, history, metric, os.path.join(output_dir, "learning_curve.png"),
+                     f"Learning curve{f' ({name})' if name else ''}")
+    labels = (results.get("data") or {}).get("labels")
+    split = "test" if (results.get("test") or {}).get("confusion_matrix") else "eval"
+    cm = (results.get(split) or {}).get("confusion_matrix")
+    if labels and cm:
+        where = "held-out fold" if split == "test" and "fold" in name else f"{split} set"
+        plots.safely(plots.confusion_matrix, cm, labels, os.path.join(output_dir, "confusion_matrix.png"),
+                     f"Confusion matrix, {where}{f' ({name})' if name else ''}")

@@ -4,6 +4,7 @@ FAULT_POINT: train (after logging step FAULT_STEP), eval (entering an evaluation
 checkpoint (checkpoint step_FAULT_STEP written to its temporary folder, not yet renamed),
 die (rank 1 exits abruptly after logging step FAULT_STEP).
 FAULT_MARKER: a file created when the process is parked at the fault point.
+FAULT_RUN (optional): only in the run of a multi-run job whose folder has this name (e.g. seed_2).
 """
 import os
 import sys
@@ -15,6 +16,11 @@ from common import checkpoint, engine  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 
 POINT, STEP, MARKER = os.environ["FAULT_POINT"], int(os.environ["FAULT_STEP"]), os.environ["FAULT_MARKER"]
+RUN = os.environ.get("FAULT_RUN")
+
+
+def in_run(eng) -> bool:
+    return RUN is None or os.path.basename(os.path.normpath(eng.output_dir)) == RUN
 
 
 def park():
@@ -27,7 +33,7 @@ if POINT == "train":
 
     def record(self, values):
         original_record(self, values)
-        if self.state.global_step == STEP and "loss" in values:
+        if self.state.global_step == STEP and "loss" in values and in_run(self):
             park()
 
     engine.Engine.record = record

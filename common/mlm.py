@@ -1,0 +1,252 @@
+"""Masked-language-model pieces: plain-text reading, packing into blocks, (whole-word) masking,
+and running the vocabulary decoder only where a token is masked.
+
+Masking works on tensors of token ids with a `word_start` flag per token (1 where a new word, a
+special token or a block begins). A word is selected with probability p by the random draw of
+its first token, so every sub-token of a word shares its fate and the expected masked-token rate
+is exactly p; the selected tokens then follow the 80/10/10 rule ([MASK] / random token / kept).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .errors import UserError
+
+TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def read_text_lines(path: str, flag: str) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, stripped. An undecodable byte is reported with its line."""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} '{path}' does not exist.")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a directory; pass a file.")
+    lines = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise UserError(f"{flag} '{path}', line {number}: not valid UTF-8 ({err.reason} at byte "
+                                f"{err.start}); re-save the file as UTF-8.") from None
+            if line:
+                lines.append(line)
+    if not lines:
+        raise UserError(f"{flag} '{path}' has no text (every line is blank).")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Word starts and packing
+# ---------------------------------------------------------------------------------------------
+
+def word_starts(word_ids: Sequence[Optional[int]]) -> list[int]:
+    """1 where a token begins a word (or is special), 0 for a word's later pieces. Uses the fast
+    tokenizer's word_ids(), so it holds for WordPiece ('##'), SentencePiece and byte-level BPE."""
+    out, prev = [], None
+    for w in word_ids:
+        out.append(1 if w is None or w != prev else 0)
+        prev = w
+    return out
+
+
+def _flat(dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, without a Python loop over rows."""
+    arr = dataset.data.column(column).combine_chunks()
+    if isinstance(arr, pa.ChunkedArray):  # pyarrow < 13 may return a ChunkedArray
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], type=arr.type)
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+def pack(dataset, max_length: int, cls_id: int, sep_id: int, with_word_start: bool):
+    """Concatenate every text (token ids without special tokens) with [SEP] between texts, cut the
+    stream into bodies of max_length - 2 tokens and wrap each as [CLS] body [SEP]. The last, shorter
+    block is kept: nothing is dropped, so even a one-line corpus gives one block.
+
+    Returns a datasets.Dataset with input_ids, attention_mask, length (and word_start)."""
+    import datasets
+
+    ids, offsets = _flat(dataset, "input_ids")
+    starts = offsets[1:-1]  # where texts 2..n begin: a [SEP] goes in front of each
+    stream = np.insert(ids.astype(np.int64), starts, sep_id)
+    ws_stream = None
+    if with_word_start:
+        ws, _ = _flat(dataset, "word_start")
+        ws_stream = np.insert(ws.astype(np.int8), starts, 1)
+    body = max_length - 2
+    total = len(stream)
+    if total == 0:
+        raise UserError("the text has no tokens after tokenization.")
+    n_blocks = math.ceil(total / body)
+    lengths = np.full(n_blocks, body + 2, dtype=np.int64)
+    lengths[-1] = total - body * (n_blocks - 1) + 2
+
+    def wrap(values: np.ndarray, first: int, last: int, dtype) -> pa.Array:
+        padded = np.zeros(n_blocks * body, dtype=dtype)
+        padded[:total] = values
+        grid = np.concatenate([np.full((n_blocks, 1), first, dtype=dtype), padded.reshape(n_blocks, body),
+                               np.full((n_blocks, 1), last, dtype=dtype)], axis=1)
+        # the last block: move its closing token right after its real tokens, drop the padding
+        tail = lengths[-1]
+        grid[-1, tail - 1] = last
+        keep = np.arange(body + 2)[None, :] < lengths[:, None]
+        flat = grid[keep]
+        offs = np.zeros(n_blocks + 1, dtype=np.int32)
+        offs[1:] = np.cumsum(lengths)
+        return pa.ListArray.from_arrays(pa.array(offs), pa.array(flat))
+
+    columns = {"input_ids": wrap(stream, cls_id, sep_id, np.int32),
+               "attention_mask": wrap(np.ones(total, dtype=np.int8), 1, 1, np.int8),
+               "length": pa.array(lengths)}
+    if with_word_start:
+        ws_blocks = wrap(ws_stream, 1, 1, np.int8)
+        # a block's first body token starts a word, even when its word began in the previous block
+        ws_flat = ws_blocks.flatten().to_numpy(zero_copy_only=False).copy()
+        block_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        ws_flat[block_starts[lengths > 2] + 1] = 1
+        columns["word_start"] = pa.ListArray.from_arrays(ws_blocks.offsets, pa.array(ws_flat))
+    return datasets.Dataset(pa.table(columns))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking
+# ---------------------------------------------------------------------------------------------
+
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, probability: float, mask_id: int,
+                vocab_size: int, word_start: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked input ids, labels with -100 where nothing is predicted) for a (batch, length) tensor.
+
+    `special` marks tokens never masked (special tokens and padding). With `word_start`, each token
+    takes the random draw of the first token of its word, so words are masked whole."""
+    shape, dev = input_ids.shape, input_ids.device
+    draw = torch.rand(shape, generator=generator, device=dev)
+    if word_start is not None:
+        pos = torch.arange(shape[-1], device=dev).expand(shape)
+        first = torch.where(word_start.bool(), pos, torch.zeros_like(pos)).cummax(dim=-1).values
+        draw = draw.gather(-1, first)
+    selected = (draw < probability) & ~special
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    how = torch.rand(shape, generator=generator, device=dev)
+    to_mask = selected & (how < 0.8)
+    to_random = selected & (how >= 0.8) & (how < 0.9)
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=dev, dtype=input_ids.dtype)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def fixed_eval_masks(dataset, special_ids: Sequence[int], probability: float, mask_id: int, vocab_size: int,
+                     seed: int, whole_word: bool):
+    """The evaluation set with its masks drawn once (one generator over all tokens, seeded): the same
+    positions every epoch, every run and any number of processes, so perplexities compare."""
+    import datasets
+
+    ids, offsets = _flat(dataset, "input_ids")
+    ids_t = torch.from_numpy(ids.astype(np.int64))[None, :]
+    special = torch.isin(ids_t, torch.tensor(sorted(set(special_ids)), dtype=torch.long))
+    ws = None
+    if whole_word:
+        ws_np, _ = _flat(dataset, "word_start")
+        ws = torch.from_numpy(ws_np.astype(np.int64))[None, :]
+    gen = torch.Generator().manual_seed(seed)
+    masked, labels = mask_tokens(ids_t, special, probability, mask_id, vocab_size, ws, gen)
+    offs = pa.array(offsets.astype(np.int32))
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(offs, pa.array(masked[0].numpy().astype(np.int32))),
+                      "labels": pa.ListArray.from_arrays(offs, pa.array(labels[0].numpy().astype(np.int32))),
+                      "attention_mask": dataset.data.column("attention_mask").combine_chunks(),
+                      "length": dataset.data.column("length").combine_chunks()})
+    return datasets.Dataset(table), int((labels != -100).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder only where it is needed
+# ---------------------------------------------------------------------------------------------
+
+class MaskedPositionsOnly:
+    """Runs the MLM head (transform + vocabulary decoder) on masked positions only.
+
+    A forward hook on the encoder (`model.base_model`) replaces its last hidden state (batch, length,
+    hidden) by the hidden states at `positions` (1, n_masked, hidden) while `positions` is set; the
+    model's own head then returns logits (1, n_masked, vocab). Works for any *ForMaskedLM whose
+    head reads the encoder output, and through DDP/FSDP wrappers (the hook lives on the module)."""
+
+    def __init__(self, model):
+        self.positions: Optional[torch.Tensor] = None
+        self.handle = model.base_model.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.positions is None:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][self.positions].unsqueeze(0),) + tuple(output[1:])
+        output["last_hidden_state"] = output["last_hidden_state"][self.positions].unsqueeze(0)
+        return output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def head_is_new(model, new_weights: Sequence[str]) -> list[str]:
+    """The newly initialised weights outside the encoder (an MLM head the checkpoint did not have)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return [k for k in new_weights if not k.startswith(prefix)]
+
+
+def decoder_tied(model) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the pre-trained pooler for the classifier that starts from this model
+# ---------------------------------------------------------------------------------------------
+
+def _source_file(model_args) -> Optional[str]:
+    name = model_args.model
+    if os.path.isdir(name):
+        path = os.path.join(name, "model.safetensors")
+        return path if os.path.isfile(path) else None
+    try:
+        from transformers.utils import cached_file
+
+        return cached_file(name, "model.safetensors", revision=model_args.revision, cache_dir=model_args.cache_dir,
+                           _raise_exceptions_for_missing_entries=False)
+    except Exception:
+        return None
+
+
+def carry_pooler(model_args, unexpected: Sequence[str], prefix: str, output_dir: str) -> list[str]:
+    """*ForMaskedLM models have no pooler, so saving one drops the checkpoint's pre-trained pooler and
+    a classifier started from the output would get a random one. Copy those tensors from the source
+    checkpoint into the saved model.safetensors (a masked-LM load ignores them). Returns the keys written."""
+    keys = [k for k in unexpected if ".pooler." in f".{k}"]
+    src, dst = _source_file(model_args), os.path.join(output_dir, "model.safetensors")
+    if not keys or not src or not os.path.isfile(dst):
+        return []
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(src, framework="pt") as fh:
+        present = set(fh.keys())
+        extra = {(k if k.startswith(prefix + ".") else f"{prefix}.{k}"): fh.get_tensor(k) for k in keys if k in present}
+    if not extra:
+        return []
+    tensors = load_file(dst)
+    tensors.update({k: v.contiguous() for k, v in extra.items() if k not in tensors})
+    tmp = dst + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, dst)
+    return sorted(extra)

@@ -1,0 +1,271 @@
+"""Several runs of one script in one launch: seeds (--seeds / --num_runs), k-fold cross-validation
+(--kfold) or both, each run in its own subfolder, then summary.json (mean, sample std, min, max and
+the 95% t-interval of every metric), summary.txt and plots in output_dir.
+
+All processes go through the runs in the same order with the same Accelerator (models are freed
+between runs); only the main process writes. A killed job restarted with the same command skips
+the runs that finished (their results.json exists) and resumes the interrupted one from its latest
+checkpoint (or restarts it when it had none).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import plots, reporting
+from .errors import UserError
+from .stats import summarize
+
+MANIFEST = "runs.json"
+SUMMARY = "summary.json"
+SUMMARY_TXT = "summary.txt"
+# Shown first in tables and plots when present (the rest of the metrics are in summary.json).
+HEADLINE = ("accuracy", "f1", "mcc", "macro_f1", "precision", "recall", "pearson", "spearman", "rmse", "perplexity")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    seed: int                 # seed of derived splits and of the fold assignment
+    kfold: int = 0            # 0: no cross-validation
+    fold: int = 0             # 0-based held-out fold
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    seed: int
+    split: SplitPlan
+
+
+def plan_runs(args) -> list[PlannedRun]:
+    seeds = args.run_seeds()
+    runs = []
+    for seed in seeds:
+        split_seed = seed if args.resplit_per_seed else seeds[0]
+        folds = range(args.kfold) if args.kfold >= 2 else [None]
+        for fold in folds:
+            if fold is None:
+                runs.append(PlannedRun(f"seed_{seed}", seed, SplitPlan(split_seed)))
+            else:
+                name = f"fold_{fold + 1}" if len(seeds) == 1 else f"seed_{seed}_fold_{fold + 1}"
+                runs.append(PlannedRun(name, seed, SplitPlan(split_seed, args.kfold, fold)))
+    return runs
+
+
+def _manifest(spec, settings: dict, runs: list[PlannedRun]) -> dict:
+    ignore = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to"}
+    return {"task": spec.task_name, "runs": [dataclasses.asdict(r) for r in runs],
+            "settings": {k: v for k, v in settings.items() if k not in ignore}}
+
+
+def check_parent(output_dir: str, overwrite: bool, manifest: dict) -> bool:
+    """True when output_dir holds an unfinished job with this very plan (continue it)."""
+    reporting.check_output_dir(output_dir, True, None)  # file/permission/disk checks
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return False
+    path = os.path.join(output_dir, MANIFEST)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        if old == json.loads(json.dumps(reporting._clean(manifest))):
+            return not overwrite
+        if not overwrite:
+            changed = sorted(k for k in set(old.get("settings", {})) | set(manifest["settings"])
+                             if old.get("settings", {}).get(k) != manifest["settings"].get(k))
+            what = f"settings {', '.join(changed[:5])} differ" if changed else "the runs differ"
+            raise UserError(f"--output_dir '{output_dir}' holds a different multi-run job ({what}); pass "
+                            "--overwrite_output_dir to replace it or choose another folder.")
+        return False
+    if not overwrite:
+        raise UserError(f"--output_dir '{output_dir}' is not empty; pass --overwrite_output_dir to replace it, "
+                        "or choose another folder.")
+    return False
+
+
+def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
+    """`run_one(ctx)` is runner._run. Returns the summary (also written to summary.json)."""
+    from accelerate.utils import broadcast_object_list
+
+    from .config import to_jsonable
+    from .engine import logger, setup_logging
+    from .runner import Context
+
+    setup_logging(accelerator)
+    if args.kfold and not getattr(spec, "supports_kfold", False):
+        raise UserError(f"--kfold is not available for {spec.task_name}; use --seeds for repeated runs.")
+    runs = plan_runs(args)
+    settings = to_jsonable(model_args, data_args, args)
+    manifest = _manifest(spec, settings, runs)
+    continuing = [check_parent(args.output_dir, args.overwrite_output_dir, manifest)
+                  if accelerator.is_main_process else None]
+    broadcast_object_list(continuing)
+    continuing = bool(continuing[0])
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not continuing:
+            for name in os.listdir(args.output_dir):
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        reporting.write_json(os.path.join(args.output_dir, MANIFEST), manifest)
+        reporting.save_resolved_config(args.output_dir, settings)
+    accelerator.wait_for_everyone()
+    kind = (f"{args.kfold}-fold cross-validation" if args.kfold else "") + \
+           (f"{' x ' if args.kfold else ''}{len(args.run_seeds())} seeds" if len(args.run_seeds()) > 1 else "")
+    logger.info("%s: %d runs into %s%s", kind, len(runs), args.output_dir, " (continuing)" if continuing else "")
+
+    t0 = time.perf_counter()
+    per_run: dict[str, dict] = {}
+    for i, run in enumerate(runs, 1):
+        sub = os.path.join(args.output_dir, run.name)
+        finished = [_load(os.path.join(sub, reporting.RESULTS)) if accelerator.is_main_process else None]
+        broadcast_object_list(finished)
+        if finished[0] is not None:
+            logger.info("run %d/%d (%s): finished earlier, skipped", i, len(runs), run.name)
+            per_run[run.name] = finished[0]
+            continue
+        from .checkpoint import list_checkpoints
+
+        has_ckpt = [bool(list_checkpoints(os.path.join(sub, "checkpoints"))) if accelerator.is_main_process else None]
+        broadcast_object_list(has_ckpt)
+        resume = "latest" if has_ckpt[0] else None
+        logger.info("run %d/%d (%s): seed %d%s%s", i, len(runs), run.name, run.seed,
+                    f", held-out fold {run.split.fold + 1} of {run.split.kfold}" if run.split.kfold else "",
+                    ", resuming its latest checkpoint" if resume else "")
+        run_args = dataclasses.replace(args, seed=run.seed, output_dir=sub, overwrite_output_dir=True,
+                                       resume_from_checkpoint=resume, seeds=None, num_runs=1, kfold=0,
+                                       resplit_per_seed=False)
+        ctx = Context(model_args, data_args, run_args, accelerator)
+        ctx.split = run.split
+        ctx.run_name = run.name
+        per_run[run.name] = run_one(spec, ctx)
+        accelerator.free_memory()
+        gc.collect()
+
+    summary = summarize_runs(runs, per_run, args, time.perf_counter() - t0)
+    if accelerator.is_main_process:
+        reporting.write_json(os.path.join(args.output_dir, SUMMARY), summary)
+        table = format_table(summary)
+        reporting.write_text_atomic(os.path.join(args.output_dir, SUMMARY_TXT), table + "\n")
+        draw_summary_plots(summary, per_run, args.output_dir)
+        print("\n" + table, flush=True)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _load(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def run_metrics(results: dict) -> dict:
+    """Flat numeric metrics of one run: eval_*, test_*, and timings."""
+    out = {}
+    for split in ("eval", "test"):
+        for k, v in (results.get(split) or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{split}_{k}"] = v
+    train, timing = results.get("train", {}), results.get("timing", {})
+    out["train_seconds"] = timing.get("train_seconds")
+    out["total_seconds"] = timing.get("total_seconds")
+    out["best_step"] = train.get("best_step")
+    out["global_step"] = train.get("global_step")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def summarize_runs(runs: list[PlannedRun], per_run: dict, args, seconds: float) -> dict:
+    rows = []
+    for run in runs:
+        res = per_run[run.name]
+        rows.append({"name": run.name, "seed": run.seed, "fold": run.split.fold + 1 if run.split.kfold else None,
+                     "split_seed": run.split.seed, "metrics": run_metrics(res)})
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    metrics = {k: summarize([r["metrics"].get(k) for r in rows]) for k in keys}
+    primary = "test" if any(k.startswith("test_") for k in keys) else "eval"
+    any_res = next(iter(per_run.values()))
+    out: dict[str, Any] = {
+        "mode": "kfold" if args.kfold else "seeds", "kfold": args.kfold or None, "seeds": args.run_seeds(),
+        "resplit_per_seed": args.resplit_per_seed, "num_runs": len(rows), "primary_split": primary,
+        "primary_metric": any_res.get("train", {}).get("metric_for_best_model"),
+        "confidence": 0.95, "interval": "Student t, n-1 degrees of freedom, of the mean over runs",
+        "metrics": metrics, "runs": rows, "total_seconds": seconds,
+        "total_train_seconds": sum(r["metrics"].get("train_seconds", 0) for r in rows)}
+    if args.kfold:
+        out["note"] = ("test_* metrics are on each fold's held-out part (every training example held out once); "
+                       "eval_* on the inner validation split that chose each fold's best model.")
+        cms = [(per_run[r.name].get("test") or {}).get("confusion_matrix") for r in runs]
+        if all(cm is not None for cm in cms) and cms:
+            import numpy as np
+
+            out["pooled_test_confusion_matrix"] = np.sum(np.asarray(cms), axis=0).tolist()
+    return out
+
+
+def headline(summary: dict, limit: int = 5) -> list[str]:
+    prefix = summary["primary_split"] + "_"
+    names = [k[len(prefix):] for k in summary["metrics"] if k.startswith(prefix)]
+    first = summary.get("primary_metric")
+    ordered = ([first] if first in names else []) + [m for m in HEADLINE if m in names and m != first]
+    return [prefix + m for m in ordered[:limit]]
+
+
+def format_table(summary: dict) -> str:
+    cols = headline(summary) + ["train_seconds"]
+    width = max(12, *(len(c) for c in cols))
+    name_w = max(10, *(len(r["name"]) for r in summary["runs"]))
+    lines = [f"{'run':<{name_w}} " + " ".join(f"{c:>{width}}" for c in cols)]
+    for r in summary["runs"]:
+        lines.append(f"{r['name']:<{name_w}} " + " ".join(
+            f"{r['metrics'].get(c, float('nan')):>{width}.4f}" if c != "train_seconds"
+            else f"{r['metrics'].get(c, float('nan')):>{width}.1f}" for c in cols))
+    lines.append("-" * len(lines[0]))
+    stat_rows = [("mean", lambda s: s["mean"]), ("std", lambda s: s["std"]),
+                 ("ci95 low", lambda s: s["ci95"][0] if s["ci95"] else None),
+                 ("ci95 high", lambda s: s["ci95"][1] if s["ci95"] else None)]
+    for label, get in stat_rows:
+        cells = []
+        for c in cols:
+            v = get(summary["metrics"][c]) if c in summary["metrics"] else None
+            cells.append(f"{'n/a':>{width}}" if v is None else f"{v:>{width}.{1 if c == 'train_seconds' else 4}f}")
+        lines.append(f"{label:<{name_w}} " + " ".join(cells))
+    n = summary["num_runs"]
+    what = f"{summary['kfold']}-fold cross-validation" if summary["mode"] == "kfold" else f"{n} seeds"
+    lines.append(f"{what}, {n} runs, {summary['total_seconds']:.0f} s in all; "
+                 f"{summary['primary_split']} metrics; 95% CI of the mean (t, {n - 1} dof).")
+    return "\n".join(lines)
+
+
+def draw_summary_plots(summary: dict, per_run: dict, output_dir: str) -> None:
+    histories = {}
+    for r in summary["runs"]:
+        path = os.path.join(output_dir, r["name"], reporting.LOG_HISTORY)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                histories[r["name"]] = [json.loads(line) for line in fh if line.strip()]
+    metric = summary.get("primary_metric") or "loss"
+    what = f"{summary['kfold']}-fold CV" if summary["mode"] == "kfold" else f"{summary['num_runs']} seeds"
+    plots.safely(plots.learning_curves_overlay, histories, metric, os.path.join(output_dir, "learning_curves.png"),
+                 f"Learning curves, {what}")
+    names = headline(summary)
+    plots.safely(plots.metric_spread, {r["name"]: r["metrics"] for r in summary["runs"]}, names,
+                 os.path.join(output_dir, "metrics_summary.png"),
+                 f"{summary['primary_split']} metrics across {what} (box: runs; red: mean ± 95% CI)")
+    first = next(iter(per_run.values()))
+    labels = (first.get("data") or {}).get("labels")
+    split = summary["primary_split"]
+    cms = [(per_run[r["name"]].get(split) or {}).get("confusion_matrix") for r in summary["runs"]]
+    if labels and cms and all(cm is not None for cm in cms):
+        import numpy as np
+
+        total = np.sum(np.asarray(cms), axis=0)
+        scope = ("pooled held-out folds" if summary["mode"] == "kfold"
+                 else f"{split} set, summed over {summary['num_runs']} runs")
+        plots.safely(plots.confusion_matrix, total, labels, os.path.join(output_dir, "confusion_matrix.png"),
+                     f"Confusion matrix ({scope})")
