@@ -310,34 +310,35 @@ class MlmTask:
         return (batch["labels"] != -100).sum().to(torch.float64)
 
     def _logits(self, model, batch):
-        """(logits, labels) for the predicted tokens: (n, vocab) and (n,)."""
+        """(logits, targets, rows) of the predicted tokens: (n, vocab), (n,) with -100 where a row only
+        pads the decoder's bucket, and each one's row in the batch."""
         labels = batch["labels"]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if self.full_decoder:
-            logits = model(**inputs).logits
             keep = labels != -100
-            return logits[keep], labels[keep], keep
-        keep = labels != -100
-        self.decoder.positions = keep
+            logits = model(**inputs).logits
+            return logits[keep], labels[keep], keep.nonzero()[:, 0]
+        index, targets = M.masked_positions(labels)
+        self.decoder.index = index
         try:
             logits = model(**inputs).logits
         finally:
-            self.decoder.positions = None
-        return logits.reshape(-1, logits.shape[-1]), labels[keep], keep
+            self.decoder.index = None
+        return logits.reshape(-1, logits.shape[-1]), targets, torch.div(index, labels.shape[1], rounding_mode="floor")
 
     def loss_sum(self, model, batch):
         logits, targets, _ = self._logits(model, batch)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        return F.cross_entropy(logits.float(), targets, reduction="sum")  # -100 rows add nothing
 
     def eval_outputs(self, model, batch):
-        logits, targets, keep = self._logits(model, batch)
+        logits, targets, rows = self._logits(model, batch)
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        rows = keep.nonzero()[:, 0]
         n = len(batch["input_ids"])
+        real = targets != -100
         loss_sum = torch.zeros(n, device=losses.device, dtype=torch.float32).index_add_(0, rows, losses)
         correct = torch.zeros(n, device=losses.device, dtype=torch.long).index_add_(
-            0, rows, (logits.argmax(-1) == targets).long())
-        return {"loss_sum": loss_sum, "count": keep.sum(1), "correct": correct}
+            0, rows, ((logits.argmax(-1) == targets) & real).long())
+        return {"loss_sum": loss_sum, "count": (batch["labels"] != -100).sum(1), "correct": correct}
 
     def compute_metrics(self, outputs: dict) -> dict:
         count = float(outputs["count"].sum())

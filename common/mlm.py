@@ -175,24 +175,48 @@ def fixed_eval_masks(dataset, special_ids: Sequence[int], probability: float, ma
 # The decoder only where it is needed
 # ---------------------------------------------------------------------------------------------
 
+# Masked positions are padded to a multiple of this many rows: a handful of distinct decoder shapes
+# instead of one per batch. With ~130 different sizes per epoch, glibc's allocator fragmented until
+# peak RSS reached 7 GB on WikiText-2 (MiniLM, 3 epochs); bucketed, it stays flat. Costs <5% of the
+# decoder's work (the padded rows are ignored by the loss).
+POSITION_BUCKET = 64
+
+
+def masked_positions(labels: torch.Tensor, bucket: int = POSITION_BUCKET) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the (batch*length) positions, their targets) for every predicted token,
+    padded with position 0 and target -100 up to a multiple of `bucket`."""
+    flat = labels.reshape(-1)
+    index = (flat != -100).nonzero().squeeze(1)
+    extra = -len(index) % bucket
+    if extra:
+        index = torch.cat([index, index.new_zeros(extra)])
+    targets = flat[index]
+    if extra:
+        targets[-extra:] = -100
+    return index, targets
+
+
 class MaskedPositionsOnly:
     """Runs the MLM head (transform + vocabulary decoder) on masked positions only.
 
     A forward hook on the encoder (`model.base_model`) replaces its last hidden state (batch, length,
-    hidden) by the hidden states at `positions` (1, n_masked, hidden) while `positions` is set; the
-    model's own head then returns logits (1, n_masked, vocab). Works for any *ForMaskedLM whose
-    head reads the encoder output, and through DDP/FSDP wrappers (the hook lives on the module)."""
+    hidden) by the hidden states at the flat `index` (1, n, hidden) while `index` is set; the model's
+    own head then returns logits (1, n, vocab). Works for any *ForMaskedLM whose head reads the
+    encoder output, and through DDP/FSDP wrappers (the hook lives on the module)."""
 
     def __init__(self, model):
-        self.positions: Optional[torch.Tensor] = None
+        self.index: Optional[torch.Tensor] = None
         self.handle = model.base_model.register_forward_hook(self._hook)
 
+    def _select(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.index).unsqueeze(0)
+
     def _hook(self, module, inputs, output):
-        if self.positions is None:
+        if self.index is None:
             return None
         if isinstance(output, tuple):
-            return (output[0][self.positions].unsqueeze(0),) + tuple(output[1:])
-        output["last_hidden_state"] = output["last_hidden_state"][self.positions].unsqueeze(0)
+            return (self._select(output[0]),) + tuple(output[1:])
+        output["last_hidden_state"] = self._select(output["last_hidden_state"])
         return output
 
     def remove(self) -> None:

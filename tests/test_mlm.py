@@ -184,6 +184,16 @@ def test_masked_positions_decoder_gives_the_full_decoder_loss(tiny_model):
     fast.decoder.remove()
 
 
+def test_masked_positions_are_bucketed_and_padding_rows_are_ignored():
+    labels = torch.full((3, 10), -100)
+    labels[0, 2], labels[1, 5], labels[2, 9] = 7, 8, 9
+    index, targets = M.masked_positions(labels, bucket=4)
+    assert index.tolist() == [2, 15, 29, 0] and targets.tolist() == [7, 8, 9, -100]
+    assert M.masked_positions(labels, bucket=3)[0].tolist() == [2, 15, 29]  # already a multiple
+    sizes = {len(M.masked_positions(torch.where(torch.rand(32, 128) < 0.15, 1, -100))[0]) for _ in range(50)}
+    assert len(sizes) <= 4 and all(s % M.POSITION_BUCKET == 0 for s in sizes)  # ~130 sizes unbucketed
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
