@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common import data as D
+from common.config import DataSourceArguments
 from common.engine import model_inputs
 from common.errors import UserError, fmt_columns, run_cli
 from common.metrics import classification_metrics, regression_metrics
@@ -34,15 +35,9 @@ MRPC_IDS = ("#1 ID", "#2 ID")  # the raw MRPC TSV's id columns
 
 
 @dataclass
-class ClsDataArguments:
-    _argument_group_name = "data"
-    dataset: Optional[str] = field(default=None, metadata={"help": "Hub dataset name (e.g. glue)."})
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset config (e.g. mrpc)."})
-    train_split_name: str = field(default="train", metadata={"help": "Hub split used for training."})
-    validation_split_name: str = field(default="validation", metadata={"help": "Hub split used for validation."})
-    test_split_name: str = field(default="test", metadata={"help": "Hub split used for testing (if present)."})
+class ClsDataArguments(DataSourceArguments):
     train_file: Optional[str] = field(default=None, metadata={"help": "csv, tsv, json, jsonl or parquet."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Validation file (same format)."})
+    test_split_name: str = field(default="test", metadata={"help": "Hub split used for testing (if present)."})
     test_file: Optional[str] = field(default=None, metadata={"help": "Test file; labels optional."})
     text_column: Optional[str] = field(default=None, metadata={"help": "The text column."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text of a sentence pair."})
@@ -61,22 +56,15 @@ class ClsDataArguments:
     test_split: float = field(default=0.0, metadata={
         "help": "Fraction of the training file held out as a test set when there is no test data "
                 "(--test_split 0.15 --validation_split 0.15: a 70/15/15 split)."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if cached."})
 
     def __post_init__(self):
-        if not self.dataset and not self.train_file:
-            raise UserError("no training data: pass --train_file FILE or --dataset NAME [--dataset_config CONFIG].")
-        if self.dataset and self.train_file:
-            raise UserError("pass either --dataset or --train_file, not both.")
+        super().__post_init__()
         if self.text_columns and (self.text_column or self.text_pair_column):
             raise UserError("--text_columns joins several columns; do not combine it with --text_column/--text_pair_column.")
         if self.text_pair_column and not self.text_column:
             raise UserError("--text_pair_column needs --text_column for the first text.")
-        for name in ("validation_split", "test_split"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"--{name} must be a fraction in [0, 1), got {getattr(self, name)}.")
+        if not 0 <= self.test_split < 1:
+            raise UserError(f"--test_split must be a fraction in [0, 1), got {self.test_split}.")
 
 
 # ---------------------------------------------------------------------------------------------

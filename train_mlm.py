@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from common import data as D
 from common import mlm as M
+from common.config import DataSourceArguments
 from common.engine import logger
 from common.errors import UserError, fmt_columns, run_cli
 from common.runner import Context, PreparedData, TaskSpec, load_pretrained, run
@@ -31,14 +32,10 @@ TEXT_COLUMNS = ("text", "sentence", "content", "body", "document")
 
 
 @dataclass
-class MlmDataArguments:
-    _argument_group_name = "data"
-    dataset: Optional[str] = field(default=None, metadata={"help": "Hub dataset name (e.g. wikitext)."})
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset config (e.g. wikitext-2-raw-v1)."})
-    train_split_name: str = field(default="train", metadata={"help": "Hub split used for training."})
-    validation_split_name: str = field(default="validation", metadata={"help": "Hub split used for evaluation."})
+class MlmDataArguments(DataSourceArguments):
     train_file: Optional[str] = field(default=None, metadata={
         "help": "Plain text (.txt/.tokens/.raw, one document per line) or a table (.csv/.tsv/.json/.jsonl/.parquet)."})
+    validation_split_name: str = field(default="validation", metadata={"help": "Hub split used for evaluation."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation text (same kinds)."})
     text_column: Optional[str] = field(default=None, metadata={
         "help": f"Table/Hub column with the text (default: the one of {', '.join(TEXT_COLUMNS)} present)."})
@@ -48,7 +45,7 @@ class MlmDataArguments:
     validation_split: float = field(default=0.05, metadata={
         "help": "Fraction of the training lines held out (seeded) when there is no evaluation text."})
     mlm_probability: float = field(default=0.15, metadata={
-        "help": "Fraction of tokens to predict; of those 80% become [MASK], 10% a random token, 10% stay."})
+        "help": "Fraction of tokens to predict; of those 80%% become [MASK], 10%% a random token, 10%% stay."})
     whole_word_mask: bool = field(default=False, metadata={
         "help": "Mask all pieces of a word together (words from the fast tokenizer's word_ids)."})
     full_decoder: bool = field(default=False, metadata={
@@ -56,16 +53,9 @@ class MlmDataArguments:
                 "Default: only on masked positions. Always on with XLA or --torch_compile (static shapes)."})
     eval_mask_seed: int = field(default=0, metadata={
         "help": "Seed of the fixed evaluation masks (independent of --seed, so runs compare)."})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if cached."})
 
     def __post_init__(self):
-        if not self.dataset and not self.train_file:
-            raise UserError("no training text: pass --train_file FILE or --dataset NAME [--dataset_config CONFIG].")
-        if self.dataset and self.train_file:
-            raise UserError("pass either --dataset or --train_file, not both.")
-        if not 0 <= self.validation_split < 1:
-            raise UserError(f"--validation_split must be a fraction in [0, 1), got {self.validation_split}.")
+        super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise UserError(f"--mlm_probability must be between 0 and 1 (exclusive), got {self.mlm_probability}.")
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from common import data as D
 from common import ner as N
+from common.config import DataSourceArguments
 from common.engine import logger, model_inputs
 from common.errors import UserError, fmt_columns, run_cli
 from common.metrics import ner_metrics
@@ -28,16 +29,10 @@ from common.runner import Context, PreparedData, TaskSpec, load_pretrained, load
 
 
 @dataclass
-class NerDataArguments:
-    _argument_group_name = "data"
-    dataset: Optional[str] = field(default=None, metadata={"help": "Hub dataset name (e.g. conll2003)."})
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset config."})
-    train_split_name: str = field(default="train", metadata={"help": "Hub split used for training."})
-    validation_split_name: str = field(default="validation", metadata={"help": "Hub split used for validation."})
-    test_split_name: str = field(default="test", metadata={"help": "Hub split used for testing (if present)."})
+class NerDataArguments(DataSourceArguments):
     train_file: Optional[str] = field(default=None, metadata={
         "help": "CoNLL columns (.txt/.conll/.iob/.bio/.tsv) or a table (.csv/.json/.jsonl/.parquet)."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Validation file (same kinds)."})
+    test_split_name: str = field(default="test", metadata={"help": "Hub split used for testing (if present)."})
     test_file: Optional[str] = field(default=None, metadata={"help": "Test file; tags optional."})
     tokens_column: Optional[str] = field(default=None, metadata={
         "help": "Table/Hub column with the words: a list, or a text split on whitespace "
@@ -58,23 +53,14 @@ class NerDataArguments:
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "Skip (and count in results.json) rows with mismatched token/tag counts, unknown tags or "
                 "empty sentences instead of stopping with an error."})
-    validation_split: float = field(default=0.1, metadata={
-        "help": "Fraction of train held out (seeded) when there is no validation data."})
     max_length: int = field(default=128, metadata={
         "help": "Sub-tokens per window; longer sentences are split into overlapping windows."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Do not train the embedding layer."})
     freeze_layers: int = field(default=0, metadata={
         "help": "Do not train the embeddings and the first N encoder layers."})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if cached."})
 
     def __post_init__(self):
-        if not self.dataset and not self.train_file:
-            raise UserError("no training data: pass --train_file FILE or --dataset NAME [--dataset_config CONFIG].")
-        if self.dataset and self.train_file:
-            raise UserError("pass either --dataset or --train_file, not both.")
-        if not 0 <= self.validation_split < 1:
-            raise UserError(f"--validation_split must be a fraction in [0, 1), got {self.validation_split}.")
+        super().__post_init__()
         if self.freeze_layers < 0:
             raise UserError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
 

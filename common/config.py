@@ -45,6 +45,32 @@ class ModelArguments:
 
 
 @dataclass
+class DataSourceArguments:
+    """Where the text comes from, shared by the three scripts' data settings (each subclass adds its own
+    columns and may restate a field to change its default or help)."""
+    _argument_group_name = "data"
+    dataset: Optional[str] = field(default=None, metadata=_help("Hub dataset name (e.g. glue, conll2003, wikitext)."))
+    dataset_config: Optional[str] = field(default=None, metadata=_help("Hub dataset config (e.g. mrpc)."))
+    train_split_name: str = field(default="train", metadata=_help("Hub split used for training."))
+    validation_split_name: str = field(default="validation", metadata=_help("Hub split used for validation."))
+    train_file: Optional[str] = field(default=None, metadata=_help("Training file."))
+    validation_file: Optional[str] = field(default=None, metadata=_help("Validation file (same kinds as train)."))
+    validation_split: float = field(default=0.1, metadata=_help(
+        "Fraction of the training data held out (seeded) as validation data when there is none."))
+    max_length: int = field(default=128, metadata=_help("Tokens per example after truncation."))
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help("Processes for tokenizing."))
+    overwrite_cache: bool = field(default=False, metadata=_help("Tokenize again even if cached."))
+
+    def __post_init__(self) -> None:
+        if not self.dataset and not self.train_file:
+            raise UserError("no training data: pass --train_file FILE or --dataset NAME [--dataset_config CONFIG].")
+        if self.dataset and self.train_file:
+            raise UserError("pass either --dataset or --train_file, not both.")
+        if not 0 <= self.validation_split < 1:
+            raise UserError(f"--validation_split must be a fraction in [0, 1), got {self.validation_split}.")
+
+
+@dataclass
 class TrainArguments:
     _argument_group_name = "training"
     output_dir: str = field(default="output", metadata=_help("Where the model, results and checkpoints go."))

@@ -111,3 +111,17 @@ def test_bf16_autocast_runs_on_cpu(tiny_model, sentiment_files, tmp_path):
 
 def test_importing_the_scripts_does_not_initialise_cuda():
     assert not torch.cuda.is_initialized()  # notebook_launcher needs a CUDA-free parent process
+
+
+@pytest.mark.parametrize("script", ["train_cls", "train_ner", "train_mlm"])
+def test_help_lists_every_setting(script, capsys):
+    """--help must render (argparse formats help texts with %, so a bare % in one breaks it)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--learning_rate", "--train_file", "--validation_split", "--optim", "--fast_dropout", "--seeds"):
+        assert flag in text, flag
