@@ -157,6 +157,7 @@ def run_once(task: str, name: str, extra: list[str], model: str, common: list[st
         "optimizer_steps": tr["global_step"], "train_examples": tr["train_samples"],
         "peak_rss_mb": round(timing["peak_rss_mb"]), "precision": precision,
         "optimizer": setup.get("optimizer"), "attention": setup.get("attn_implementation"),
+        "fast_dropout": setup.get("fast_dropout"),
         "metric": metric, "value": final.get(metric),
         "eval": {k: v for k, v in final.items() if k in ("accuracy", "f1", "precision", "recall", "perplexity",
                                                          "loss", "masked_accuracy")},
@@ -215,6 +216,7 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
                 torch.manual_seed(i)
                 batch = task_obj.prepare_batch(batch)
             batches.append(batch)
+        engine.install_fast_dropout(model_obj, a, acc.device)
         opt = engine.build_optimizer(model_obj, a, acc.device)
         model_obj, opt = acc.prepare(model_obj, opt)
         if hasattr(task_obj, "after_prepare"):

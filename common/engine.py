@@ -226,6 +226,15 @@ def build_optimizer(model, args: TrainArguments, device: torch.device) -> torch.
     return optimizer
 
 
+def install_fast_dropout(model, args: TrainArguments, device: torch.device) -> Optional[dict]:
+    """common/dropout.py's masks on CPU (not under torch.compile, whose own RNG is fast); None if not used."""
+    if not (args.fast_dropout and device.type == "cpu" and not args.torch_compile):
+        return None
+    from . import dropout
+
+    return dropout.install(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -267,11 +276,7 @@ class Engine:
                               collate_fn=collator, num_workers=args.dataloader_num_workers,
                               pin_memory=accelerator.device.type == "cuda")
         eval_dl = self.eval_loader(eval_dataset) if eval_dataset is not None else None
-        self.fast_dropout = None
-        if args.fast_dropout and accelerator.device.type == "cpu" and not args.torch_compile:
-            from . import dropout
-
-            self.fast_dropout = dropout.install(model)
+        self.fast_dropout = install_fast_dropout(model, args, accelerator.device)
         optimizer = build_optimizer(model, args, accelerator.device)
         self.optimizer_implementation = optimizer.implementation
         if eval_dl is not None:
