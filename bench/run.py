@@ -165,6 +165,8 @@ def run_once(task: str, name: str, extra: list[str], model: str, common: list[st
         "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
         "mfu_vs_bf16_peak": round(achieved / peaks["bfloat16"], 4),
     }
+    if "compiled_graphs" in timing:
+        record["compiled_graphs"] = timing["compiled_graphs"]
     if "peak_gpu_memory_mb" in timing:
         record["peak_gpu_memory_mb"] = round(timing["peak_gpu_memory_mb"])
     if res.get("perplexity"):
@@ -184,7 +186,7 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
     script, _, preset = PRESETS[task]
     module = importlib.import_module(script[:-3])
     from common import engine
-    from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
+    from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler, pad_multiple
     from common.config import ModelArguments, TrainArguments, parse_args
     from common.runner import Context, load_config, load_tokenizer
 
@@ -201,7 +203,7 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
         data = spec.load_data(ctx)
         model_obj = spec.build_model(ctx, data)
         task_obj = spec.make_task(ctx, data, model_obj)
-        multiple = 32 if a.torch_compile else (8 if acc.mixed_precision in ("fp16", "bf16") else None)
+        multiple = pad_multiple(a, acc)
         fixed = getattr(d, "max_length", None) if a.pad_to_max_length else None
         collate = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id, multiple, fixed))
         bs = a.per_device_train_batch_size

@@ -13,6 +13,15 @@ PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labe
               "special_tokens_mask": 1, "word_ids": -1, "word_start": 1}
 
 
+def pad_multiple(args, accelerator) -> Optional[int]:
+    """The multiple batch lengths are rounded up to (see --pad_to_multiple_of)."""
+    if args.pad_to_multiple_of:
+        return args.pad_to_multiple_of
+    if args.torch_compile:
+        return 32
+    return 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
+
+
 class PadCollator:
     """Pads variable-length features to the longest in the batch (rounded up to `multiple`),
     or to `fixed_length` (XLA wants static shapes). Ragged keys are the list-valued ones."""

@@ -268,6 +268,9 @@ class Engine:
         self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
         self.first_step_seconds: Optional[float] = None  # the first optimizer step of this session
 
+        # Evaluation runs under inference_mode; on CPU a batch 4x larger measured 5% slower (MLM, WikiText-2).
+        self.eval_batch_size = args.per_device_eval_batch_size or (
+            args.per_device_train_batch_size * (1 if accelerator.device.type == "cpu" else 4))
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.sampler = (LengthGroupedSampler(train_dataset["length"], args.per_device_train_batch_size, args.seed)
@@ -307,7 +310,7 @@ class Engine:
 
     # -- data -----------------------------------------------------------------------------------
     def eval_loader(self, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self.collator, num_workers=self.args.dataloader_num_workers)
 
     # -- signals --------------------------------------------------------------------------------

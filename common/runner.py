@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import reporting
-from .collate import PadCollator, length_sorted
+from .collate import PadCollator, length_sorted, pad_multiple
 from .config import ModelArguments, TrainArguments, parse_args, to_jsonable
 from .engine import CKPT_DIR, Engine, Preempted, make_accelerator, reset_accelerate_state, setup_logging, logger
 from .errors import EXIT_PREEMPTED, UserError
@@ -234,7 +234,7 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
         accelerator.init_trackers(spec.task_name, config={k: v for k, v in settings.items()
                                                           if isinstance(v, (int, float, str, bool))})
 
-    multiple = 32 if args.torch_compile else (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
+    multiple = pad_multiple(args, accelerator)
     static = accelerator.distributed_type == "XLA" or args.pad_to_max_length
     fixed = getattr(ctx.data_args, "max_length", None) if static else None
     collator = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id, multiple, fixed))
@@ -294,11 +294,16 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
                          "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
                          "first_step_seconds": engine.first_step_seconds, "final_eval_seconds": eval_seconds,
                          "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    if args.torch_compile:  # graphs compiled by dynamo: a handful, not one per batch shape
+        from torch._dynamo.utils import counters
+
+        results["timing"]["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
     if accelerator.device.type == "cuda":
         results["timing"]["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
     results["setup"] = setup_info(accelerator) | {
         "optimizer": engine.optimizer_implementation, "torch_compile": args.torch_compile,
-        "fast_dropout": bool(engine.fast_dropout),
+        "fast_dropout": bool(engine.fast_dropout), "eval_batch_size": engine.eval_batch_size,
+        "pad_to_multiple_of": multiple,
         "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
     results["data"] = data.info
     results["model"] = {"base_model": ctx.model_args.model, "newly_initialised": getattr(model, "_new_weights", [])}
