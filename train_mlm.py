@@ -242,7 +242,7 @@ class MlmSpec(TaskSpec):
             logger.info("decoder on every position (XLA/--torch_compile need static shapes)")
         self.full_decoder = full
         return MlmTask(model, self.special_ids, self.mask_id, self.vocab_size, a.mlm_probability,
-                       a.whole_word_mask, full, self.tied)
+                       a.whole_word_mask, full, self.tied, a.line_by_line)
 
     def extra_results(self, ctx, data, results: dict, engine) -> dict:
         before = engine.state.initial_eval.get("perplexity")
@@ -273,7 +273,9 @@ class MlmTask:
     default_metric = "perplexity"
     eval_pad_values: dict = {}
 
-    def __init__(self, model, special_ids, mask_id, vocab_size, probability, whole_word, full_decoder, tied):
+    def __init__(self, model, special_ids, mask_id, vocab_size, probability, whole_word, full_decoder, tied,
+                 line_by_line=False):
+        self.line_by_line = line_by_line
         self.special = torch.tensor(special_ids, dtype=torch.long)
         self.mask_id, self.vocab_size, self.probability = mask_id, vocab_size, probability
         self.whole_word, self.full_decoder, self.tied = whole_word, full_decoder, tied
@@ -298,6 +300,17 @@ class MlmTask:
 
     def count_items(self, batch):
         return (batch["labels"] != -100).sum().to(torch.float64)
+
+    def total_items(self, dataset) -> Optional[float]:
+        """Expected masked tokens per epoch for --line_by_line (lines of all lengths, grouped by the
+        sampler); None for packed blocks, whose per-batch count is already the mean."""
+        if not self.line_by_line:
+            return None
+        import pyarrow.compute as pc
+
+        ids = pc.list_flatten(dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"])
+        maskable = np.isin(ids.to_numpy(zero_copy_only=False), self.special.numpy(), invert=True).sum()
+        return float(maskable) * self.probability
 
     def _logits(self, model, batch):
         """(logits, targets, rows) of the predicted tokens: (n, vocab), (n,) with -100 where a row only

@@ -336,6 +336,14 @@ class NerTask:
     def count_items(self, batch):
         return (batch["labels"] != -100).sum().to(torch.float64)
 
+    @staticmethod
+    def total_items(dataset) -> float:
+        """Labelled tokens in the training set (the engine's per-step denominator under length grouping)."""
+        import pyarrow.compute as pc
+
+        labels = dataset.select_columns(["labels"]).with_format("arrow")[:]["labels"]
+        return float(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
+
     def _token_losses(self, logits, labels):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                reduction="none").view(labels.shape)

@@ -47,8 +47,16 @@ def check_file(path: str, flag: str, allowed: Sequence[str]) -> str:
 
 
 def read_table(path: str, flag: str) -> pd.DataFrame:
-    """Read a csv/tsv/json/jsonl/parquet file into a DataFrame, with one clear error per failure."""
-    ext = check_file(path, flag, TABLE_EXTENSIONS)
+    """Read a csv/tsv/json/jsonl/parquet file (or a tab-separated .txt, like the MSR paraphrase corpus)
+    into a DataFrame, with one clear error per failure."""
+    ext = check_file(path, flag, TABLE_EXTENSIONS + (".txt",))
+    if ext == ".txt":
+        with open(path, "rb") as fh:
+            header = fh.readline()
+        if b"\t" not in header:
+            raise UserError(f"{flag} '{path}' is a .txt file without tab-separated columns in its first line; "
+                            "give the table as .csv, .tsv, .json, .jsonl or .parquet.")
+        ext = ".tsv"
     try:
         if ext in (".csv", ".tsv"):
             # TSVs in the GLUE style contain bare quotes inside text: read them without quoting.

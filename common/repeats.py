@@ -121,6 +121,7 @@ def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
 
     t0 = time.perf_counter()
     per_run: dict[str, dict] = {}
+    earlier = 0
     for i, run in enumerate(runs, 1):
         sub = os.path.join(args.output_dir, run.name)
         finished = [_load(os.path.join(sub, reporting.RESULTS)) if accelerator.is_main_process else None]
@@ -128,6 +129,7 @@ def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
         if finished[0] is not None:
             logger.info("run %d/%d (%s): finished earlier, skipped", i, len(runs), run.name)
             per_run[run.name] = finished[0]
+            earlier += 1
             continue
         from .checkpoint import list_checkpoints
 
@@ -147,7 +149,7 @@ def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
         accelerator.free_memory()
         gc.collect()
 
-    summary = summarize_runs(runs, per_run, args, time.perf_counter() - t0)
+    summary = summarize_runs(runs, per_run, args, time.perf_counter() - t0, earlier)
     if accelerator.is_main_process:
         reporting.write_json(os.path.join(args.output_dir, SUMMARY), summary)
         table = format_table(summary)
@@ -180,7 +182,8 @@ def run_metrics(results: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def summarize_runs(runs: list[PlannedRun], per_run: dict, args, seconds: float) -> dict:
+def summarize_runs(runs: list[PlannedRun], per_run: dict, args, seconds: float, earlier: int = 0) -> dict:
+    """seconds: this invocation's time; earlier: runs found finished by an earlier invocation (resumed job)."""
     rows = []
     for run in runs:
         res = per_run[run.name]
@@ -195,8 +198,11 @@ def summarize_runs(runs: list[PlannedRun], per_run: dict, args, seconds: float) 
         "resplit_per_seed": args.resplit_per_seed, "num_runs": len(rows), "primary_split": primary,
         "primary_metric": any_res.get("train", {}).get("metric_for_best_model"),
         "confidence": 0.95, "interval": "Student t, n-1 degrees of freedom, of the mean over runs",
-        "metrics": metrics, "runs": rows, "total_seconds": seconds,
-        "total_train_seconds": sum(r["metrics"].get("train_seconds", 0) for r in rows)}
+        "metrics": metrics, "runs": rows,
+        # the runs' own wall times, whichever invocation ran them; this invocation's time apart
+        "total_seconds": sum(r["metrics"].get("total_seconds", 0) for r in rows),
+        "total_train_seconds": sum(r["metrics"].get("train_seconds", 0) for r in rows),
+        "job_seconds": seconds, "runs_finished_earlier": earlier}
     if args.kfold:
         out["note"] = ("test_* metrics are on each fold's held-out part (every training example held out once); "
                        "eval_* on the inner validation split that chose each fold's best model.")
@@ -237,7 +243,10 @@ def format_table(summary: dict) -> str:
         lines.append(f"{label:<{name_w}} " + " ".join(cells))
     n = summary["num_runs"]
     what = f"{summary['kfold']}-fold cross-validation" if summary["mode"] == "kfold" else f"{n} seeds"
-    lines.append(f"{what}, {n} runs, {summary['total_seconds']:.0f} s in all; "
+    earlier = summary.get("runs_finished_earlier") or 0
+    resumed = f" ({earlier} finished by an earlier invocation; this one took {summary['job_seconds']:.0f} s)" \
+        if earlier else ""
+    lines.append(f"{what}, {n} runs, {summary['total_seconds']:.0f} s of runs in all{resumed}; "
                  f"{summary['primary_split']} metrics; 95% CI of the mean (t, {n - 1} dof).")
     return "\n".join(lines)
 

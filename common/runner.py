@@ -304,6 +304,7 @@ def _run(spec: TaskSpec, ctx: Context) -> dict:
         "optimizer": engine.optimizer_implementation, "torch_compile": args.torch_compile,
         "fast_dropout": bool(engine.fast_dropout), "eval_batch_size": engine.eval_batch_size,
         "pad_to_multiple_of": multiple,
+        "loss_items_per_step": engine.items_per_step,  # set: the fixed per-step denominator (token tasks, grouped)
         "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
     results["data"] = data.info
     results["model"] = {"base_model": ctx.model_args.model, "newly_initialised": getattr(model, "_new_weights", [])}

@@ -48,6 +48,8 @@ def bad_files(tmp_path_factory):
     f["latin1"] = str(d / "latin1.csv")
     (d / "broken.json").write_text('[{"sentence": "a", "label": 1}, {"sentence": ')
     f["broken_json"] = str(d / "broken.json")
+    (d / "plain.txt").write_text("a good film\nbad film\n")
+    f["plain_txt"] = str(d / "plain.txt")
     return f
 
 
@@ -56,6 +58,7 @@ CASES = [
     ("missing file", "/nonexistent/train.csv", [], "--train_file '/nonexistent/train.csv' does not exist"),
     ("unknown extension", "xlsx", [], "unsupported extension '.xlsx'"),
     ("empty file", "empty", [], "is empty"),
+    ("txt without tabs", "plain_txt", [], "is a .txt file without tab-separated columns"),
     ("header only", "header_only", [], "has a header but no rows"),
     ("not utf-8", "latin1", [], "is not UTF-8"),
     ("malformed json", "broken_json", [], "could not be parsed as json"),
@@ -170,3 +173,16 @@ def test_label_only_in_validation_gets_an_id(tiny_model, tmp_path):
                           "--output_dir", str(tmp_path / "o"), *FAST, "--allow_unseen_labels"])
     assert res["data"]["labels"] == ["mixed", "neg", "pos"]
     assert len(res["eval"]["confusion_matrix"]) == 3
+
+
+def test_tab_separated_txt_reads_as_tsv(tmp_path):
+    """The MSR paraphrase corpus ships as tab-separated .txt with bare quotes in the text."""
+    from common import data as D
+
+    path = tmp_path / "msr_test.txt"
+    path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                    '1\t1089874\t1089925\tPCCW \'s chief said "yes\tHe said "yes" too\n'
+                    "0\t3019446\t3019327\tA b c\tD e f\n", encoding="utf-8")
+    df = D.read_table(str(path), "--test_file")
+    assert list(df.columns) == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"] and len(df) == 2
+    assert df["#1 String"][0] == 'PCCW \'s chief said "yes'

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, FILLER, SPLIT_WORDS, run_script, write_csv
+from conftest import FAST, FILLER, FIXTURES, SPLIT_WORDS, run_script, write_csv
 
 from common import mlm as M
 
@@ -288,6 +288,18 @@ def test_mlm_to_classification_handoff(mlm_run, sentiment_files, tmp_path):
     assert pipe("the movie was good")[0]["label"] in ("pos", "neg")
 
 
+def test_mlm_to_ner_handoff(mlm_run, tmp_path):
+    import train_ner
+
+    out, _ = mlm_run
+    conll = os.path.join(FIXTURES, "ner_conll.txt")
+    res = train_ner.main(["--model", out, "--train_file", conll, "--validation_file", conll, "--max_steps", "3",
+                          "--mixed_precision", "no", "--output_dir", str(tmp_path / "ner")])
+    new = res["model"]["newly_initialised"]
+    assert new == ["classifier.bias", "classifier.weight"], new  # encoder from the MLM run, only the head new
+    assert res["train"]["global_step"] == 3 and res["eval"]["num_examples"] > 0
+
+
 def test_mlm_line_by_line_whole_word_table_input(tiny_model, tmp_path):
     rng = random.Random(5)
     rows = [(i, " ".join(rng.choice(FILLER + SPLIT_WORDS) for _ in range(rng.randint(2, 40)))) for i in range(150)]
@@ -305,6 +317,21 @@ def test_mlm_line_by_line_whole_word_table_input(tiny_model, tmp_path):
     assert d["splits"]["train"]["examples"] + d["splits"]["validation"]["examples"] == 149
     assert d["splits"]["train"]["truncated_lines"] > 0
     assert res["perplexity"]["after"] < res["perplexity"]["before"]
+    # lines of all lengths, grouped: every step is divided by the epoch's expected masked tokens per step
+    assert res["setup"]["loss_items_per_step"] > 0
+
+
+def test_line_by_line_expected_masked_tokens():
+    import datasets
+
+    import train_mlm
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 4, 2]]})
+    task = train_mlm.MlmTask(None, [0, 1, 2], 3, 10, 0.15, False, True, False, line_by_line=True)
+    assert task.total_items(ds) == pytest.approx(0.15 * 6)  # special ids 0/1/2 are never masked
+    assert task.total_items(ds.select([2])) == pytest.approx(0.15 * 3)
+    packed = train_mlm.MlmTask(None, [0, 1, 2], 3, 10, 0.15, False, True, False, line_by_line=False)
+    assert packed.total_items(ds) is None  # equal-length blocks: each batch's own count is the mean
 
 
 def test_model_without_mlm_head_is_reported_and_trains(tiny_model, texts, tmp_path):

@@ -207,6 +207,10 @@ def test_killed_seed_job_continues_with_the_same_command(tiny_model, sentiment_f
     for ra, rb in zip(a["runs"], b["runs"]):
         for key in ("eval_accuracy", "eval_loss"):
             assert ra["metrics"][key] == pytest.approx(rb["metrics"][key], abs=1e-6), (ra["name"], key)
+    # the time figures count the run finished by the killed invocation too
+    assert b["runs_finished_earlier"] == 1 and a["runs_finished_earlier"] == 0
+    assert b["total_seconds"] == pytest.approx(sum(r["metrics"]["total_seconds"] for r in b["runs"]))
+    assert "finished by an earlier invocation" in again.stdout
     # a different job in the same folder is refused
     other = run_script("train_cls.py", common[:-len(ARGS)] + ARGS[:-2] + ["--learning_rate", "1e-3",
                                                                           "--output_dir", str(out)])
