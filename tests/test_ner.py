@@ -327,6 +327,21 @@ def test_ner_metrics_match_seqeval_and_strict_mode():
 # Exact token-loss normalisation through the real engine
 # ---------------------------------------------------------------------------------------------
 
+def _uneven_dataset(tokenizer, seed: int):
+    """8 toy sentences of 1 to 14 words (uneven labelled-token counts), encoded as train_ner.py does."""
+    import datasets
+
+    rng = random.Random(seed)
+    sentences = [toy_ner_sentence(rng, n) for n in (1, 9, 2, 14, 3, 3, 12, 5)]
+    labels = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]
+    ids = [[labels.index(t) for t in tags] for _, tags in sentences]
+    enc = N.encode_sentences(tokenizer, [w for w, _ in sentences], ids, list(range(8)), 64, False,
+                             {i: i for i in range(5)})
+    ds = datasets.Dataset.from_dict({k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels",
+                                                         "row_id", "length")})
+    return ds, labels, enc
+
+
 def _engine_gradients(tiny_model, dataset, num_labels, tmp_path, batch, accum, group=False):
     """One optimizer step of the real Engine; returns the gradients the optimizer was handed."""
     from transformers import AutoModelForTokenClassification
@@ -361,16 +376,7 @@ def _engine_gradients(tiny_model, dataset, num_labels, tmp_path, batch, accum, g
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # our recording wrapper
 def test_accumulation_4x2_equals_one_batch_of_8_on_uneven_sentences(tiny_model, tokenizer, tmp_path):
-    import datasets
-
-    rng = random.Random(5)
-    sentences = [toy_ner_sentence(rng, n) for n in (1, 9, 2, 14, 3, 3, 12, 5)]  # uneven labelled-token counts
-    labels = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]
-    ids = [[labels.index(t) for t in tags] for _, tags in sentences]
-    enc = N.encode_sentences(tokenizer, [w for w, _ in sentences], ids, list(range(8)), 64, False,
-                             {i: i for i in range(5)})
-    ds = datasets.Dataset.from_dict({k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels",
-                                                         "row_id", "length")})
+    ds, labels, _ = _uneven_dataset(tokenizer, 5)
     one, model = _engine_gradients(tiny_model, ds, len(labels), tmp_path / "a", batch=8, accum=1)
     four, _ = _engine_gradients(tiny_model, ds, len(labels), tmp_path / "b", batch=2, accum=4)
     assert one.keys() == four.keys() and len(one) > 10
@@ -403,19 +409,10 @@ def test_accumulation_4x2_equals_one_batch_of_8_on_uneven_sentences(tiny_model, 
 def test_length_grouped_steps_weigh_every_token_alike(tiny_model, tokenizer, tmp_path):
     """Under --group_by_length a step's sentences share a length; its token losses are divided by the
     epoch's mean labelled tokens per step, not by its own count (which overweights short-sentence steps)."""
-    import datasets
-
     from common.collate import LengthGroupedSampler, PadCollator
     from transformers import AutoModelForTokenClassification
 
-    rng = random.Random(7)
-    sentences = [toy_ner_sentence(rng, n) for n in (1, 9, 2, 14, 3, 3, 12, 5)]
-    labels = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]
-    ids = [[labels.index(t) for t in tags] for _, tags in sentences]
-    enc = N.encode_sentences(tokenizer, [w for w, _ in sentences], ids, list(range(8)), 64, False,
-                             {i: i for i in range(5)})
-    ds = datasets.Dataset.from_dict({k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels",
-                                                         "row_id", "length")})
+    ds, labels, enc = _uneven_dataset(tokenizer, 7)
     labelled = sum(sum(1 for t in row if t != -100) for row in enc["labels"])
     assert train_ner.NerTask.total_items(ds) == labelled
     assert train_ner.NerTask.total_items(ds.select([6, 0, 3])) == sum(  # respects an indices mapping (k-fold)
