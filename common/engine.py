@@ -97,7 +97,7 @@ def make_accelerator(args: TrainArguments, project_dir: str):
     from datetime import timedelta
 
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -132,7 +132,10 @@ def make_accelerator(args: TrainArguments, project_dir: str):
         project_dir=project_dir,
         rng_types=[],  # we reseed per micro-step from (seed, step); nothing to synchronise
         kwargs_handlers=[timeout],
-        dynamo_backend="inductor" if args.torch_compile else None,
+        # Dynamic shapes from the first step: batches come in a few padded lengths (and a short last
+        # batch), and a static first graph would be compiled, thrown away and compiled again as dynamic
+        # at the second length (measured: 22 s + 28 s on an H100 for MiniLM; now one compile).
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if args.torch_compile else None,
     )
     accelerator.precision_reason = why
     return accelerator

@@ -363,7 +363,7 @@ def _engine_gradients(tiny_model, dataset, num_labels, tmp_path, batch, accum, g
     grads, step = [], engine.optimizer.step
 
     def recording_step(*a, **kw):
-        grads.append({n: p.grad.detach().clone() for n, p in engine.model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.detach().cpu().clone() for n, p in engine.model.named_parameters() if p.grad is not None})
         return step(*a, **kw)
 
     engine.optimizer.step = recording_step

@@ -5,13 +5,15 @@ import json
 import os
 import random
 from collections import Counter
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, toy_sentence
+from conftest import FAST, ROOT, toy_sentence
 
 import train_cls
 from common import data as D
@@ -110,7 +112,13 @@ def test_bf16_autocast_runs_on_cpu(tiny_model, sentiment_files, tmp_path):
 
 
 def test_importing_the_scripts_does_not_initialise_cuda():
-    assert not torch.cuda.is_initialized()  # notebook_launcher needs a CUDA-free parent process
+    """notebook_launcher needs a CUDA-free parent process. A fresh interpreter: earlier tests in this one
+    may have trained on a GPU."""
+    code = ("import torch, train_cls, train_ner, train_mlm, common.engine, common.runner; "
+            "print(torch.cuda.is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
 @pytest.mark.parametrize("script", ["train_cls", "train_ner", "train_mlm"])
