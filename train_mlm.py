@@ -306,9 +306,7 @@ class MlmTask:
         sampler); None for packed blocks, whose per-batch count is already the mean."""
         if not self.line_by_line:
             return None
-        import pyarrow.compute as pc
-
-        ids = pc.list_flatten(dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"])
+        ids = D.flat_values(dataset, "input_ids")
         maskable = np.isin(ids.to_numpy(zero_copy_only=False), self.special.numpy(), invert=True).sum()
         return float(maskable) * self.probability
 

@@ -341,8 +341,7 @@ class NerTask:
         """Labelled tokens in the training set (the engine's per-step denominator under length grouping)."""
         import pyarrow.compute as pc
 
-        labels = dataset.select_columns(["labels"]).with_format("arrow")[:]["labels"]
-        return float(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
+        return float(pc.sum(pc.not_equal(D.flat_values(dataset, "labels"), -100)).as_py() or 0)
 
     def _token_losses(self, logits, labels):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,

@@ -102,19 +102,23 @@ def model_shape(model_path: str) -> dict:
             "vocab": config.vocab_size}
 
 
+def flops(shape: dict, padded: float, samples: float, decoded: float = 0) -> float:
+    """Training FLOPs (forward + backward) of `padded` tokens in `samples` sequences, plus the MLM head
+    on `decoded` positions; see the module docstring."""
+    mean_len = padded / max(1, samples)
+    d = shape["hidden"]
+    return ((6 * shape["n_encoder"] + 12 * shape["layers"] * mean_len * d) * padded
+            + 6 * (d * d + d * shape["vocab"]) * decoded)
+
+
 def train_flops(shape: dict, res: dict) -> float:
-    """Training FLOPs of the whole run (forward + backward), see the module docstring."""
-    tr = res["train"]
-    padded, samples = tr["train_padded_tokens"], max(1, tr["train_samples_seen"])
-    mean_len = padded / samples
-    flops = (6 * shape["n_encoder"] + 12 * shape["layers"] * mean_len * shape["hidden"]) * padded
-    mlm = res.get("mlm")
+    """Training FLOPs of a whole script run, from its results.json."""
+    tr, mlm = res["train"], res.get("mlm")
+    decoded = 0
     if mlm:
-        d, v = shape["hidden"], shape["vocab"]
-        decoded = padded if mlm.get("decoder") == "all positions" else \
+        decoded = tr["train_padded_tokens"] if mlm.get("decoder") == "all positions" else \
             res["data"]["mlm_probability"] * tr["train_tokens"]
-        flops += 6 * (d * d + d * v) * decoded
-    return flops
+    return flops(shape, tr["train_padded_tokens"], tr["train_samples_seen"], decoded)
 
 
 def run_once(task: str, name: str, extra: list[str], model: str, common: list[str], peaks: dict, shape: dict,
@@ -247,11 +251,7 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
         seconds = time.perf_counter() - start
         precision = acc.mixed_precision
         engine.reset_accelerate_state()
-        mean_len = padded / (steps * bs)
-        flops = (6 * shape["n_encoder"] + 12 * shape["layers"] * mean_len * shape["hidden"]) * padded
-        if task == "mlm":
-            flops += 6 * (shape["hidden"] ** 2 + shape["hidden"] * shape["vocab"]) * decoded
-        achieved = flops / seconds / 1e9
+        achieved = flops(shape, padded, steps * bs, decoded if task == "mlm" else 0) / seconds / 1e9
         peak = peaks["bfloat16" if precision == "bf16" else "float32"]
         return {"task": task, "config": "micro_fwd_bwd_step", "args": " ".join(flags), "steps": steps,
                 "precision": precision, "train_tokens_per_second": round(tokens / seconds, 1),

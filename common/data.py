@@ -46,6 +46,13 @@ def check_file(path: str, flag: str, allowed: Sequence[str]) -> str:
     return ext
 
 
+def flat_values(dataset, column: str):
+    """All values of a list-valued column as one pyarrow array (respects a select()/shard() mapping)."""
+    import pyarrow.compute as pc
+
+    return pc.list_flatten(dataset.select_columns([column]).with_format("arrow")[:][column])
+
+
 def read_table(path: str, flag: str) -> pd.DataFrame:
     """Read a csv/tsv/json/jsonl/parquet file (or a tab-separated .txt, like the MSR paraphrase corpus)
     into a DataFrame, with one clear error per failure."""

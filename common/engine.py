@@ -488,6 +488,8 @@ class Engine:
         grad_norm = None
         first_bad = torch.full((), -1, device=dev, dtype=torch.long)
         check_every_step = dev.type == "cpu"  # host syncs are free on CPU
+        fixed_items = (None if self.items_per_step is None
+                       else torch.tensor(self.items_per_step, device=dev, dtype=torch.float64))
         t_log = t_first = time.perf_counter()
         t_start = time.perf_counter() - state.train_seconds
         stop = state.global_step >= self.total_steps
@@ -514,7 +516,7 @@ class Engine:
                     if acc.num_processes > 1:
                         items = acc.reduce(items, reduction="sum")
                     # backward() divides by the accumulation steps; DDP averages over processes.
-                    denominator = items.clamp(min=1) if self.items_per_step is None else items.new_tensor(self.items_per_step)
+                    denominator = items.clamp(min=1) if fixed_items is None else fixed_items
                     scale = (acc.gradient_accumulation_steps * acc.num_processes) / denominator
                     window_loss = torch.zeros((), device=dev, dtype=torch.float64)
                     for i, batch in enumerate(window):
