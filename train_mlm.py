@@ -13,7 +13,6 @@ From a notebook: `notebook_launcher(main, (argv,), num_processes=N)`. See README
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -21,12 +20,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import data as D
-from common import mlm as M
+from common import mlm
 from common.config import DataSourceArguments
-from common.engine import logger
-from common.errors import UserError, fmt_columns, run_cli
-from common.runner import Context, PreparedData, TaskSpec, load_pretrained, run
+from common.data import (
+    flat_values,
+    read_hub_splits,
+    source_name,
+    tokenize_split,
+    tokenizer_fingerprint,
+)
+from common.errors import UserError, run_cli
+from common.launch import launch
+from common.log import logger
+from common.models import load_pretrained
+from common.splits import plan_rows
+from common.task import BuiltModel, Context, Objective, PreparedData, Task
 
 TEXT_COLUMNS = ("text", "sentence", "content", "body", "document")
 
@@ -60,79 +68,35 @@ class MlmDataArguments(DataSourceArguments):
             raise UserError(f"--mlm_probability must be between 0 and 1 (exclusive), got {self.mlm_probability}.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-def read_texts(path: str, flag: str, column: Optional[str]) -> tuple[list[str], int]:
-    """(non-blank texts, number of blank/missing rows skipped) from a text file or a table."""
-    ext = D.check_file(path, flag, M.TEXT_EXTENSIONS + D.TABLE_EXTENSIONS)
-    if ext in M.TEXT_EXTENSIONS:
-        if column:
-            raise UserError(f"--text_column '{column}' was given but {flag} '{path}' is a plain text file "
-                            "(one text per line); drop --text_column or pass a table.")
-        return M.read_text_lines(path, flag), 0
-    df = D.read_table(path, flag)
-    col = text_column_of(list(df.columns), column, f"{flag} '{path}'")
-    return texts_from_column(list(df[col]), f"{flag} '{path}'", col)
-
-
-def text_column_of(columns: list, given: Optional[str], where: str) -> str:
-    if given:
-        D.require_columns(columns, [given], where, {given: "--text_column"})
-        return given
-    found = [c for c in TEXT_COLUMNS if c in columns]
-    if len(found) == 1:
-        return found[0]
-    if len(columns) == 1:
-        return columns[0]
-    raise UserError(f"{where}: cannot tell the text column among {fmt_columns(columns)}; pass --text_column.")
-
-
-def texts_from_column(values: list, where: str, column: str) -> tuple[list[str], int]:
-    texts, skipped = [], 0
-    for i, v in enumerate(values):
-        if D.is_missing(v):
-            skipped += 1
-            continue
-        if not isinstance(v, str):
-            raise UserError(f"{where}, row {i + 1}: column '{column}' holds {type(v).__name__} {str(v)[:40]!r}, "
-                            "not text; pick the text column with --text_column.")
-        texts.append(v.strip())
-    if not texts:
-        raise UserError(f"{where}: column '{column}' has no text (every row is empty).")
-    return texts, skipped
-
-
 def read_splits(a: MlmDataArguments, model_args) -> tuple[dict, dict, dict]:
     """split -> texts, split -> where from, split -> blank rows skipped."""
-    if a.dataset:
-        hub = D.load_hub_splits(a.dataset, a.dataset_config, model_args.cache_dir)
-        names = {"train": a.train_split_name, "validation": a.validation_split_name}
-        if names["train"] not in hub:
-            raise UserError(f"--dataset '{a.dataset}' has no split '{names['train']}'; its splits are "
-                            f"{fmt_columns(list(hub))} (set --train_split_name).")
-        texts, where, skipped = {}, {}, {}
-        for split, name in names.items():
-            if name in hub:
-                where[split] = f"split '{name}' of --dataset '{a.dataset}'"
-                col = text_column_of(hub[name].column_names, a.text_column, where[split])
-                texts[split], skipped[split] = texts_from_column(hub[name][col], where[split], col)
-        return texts, where, skipped
     texts, where, skipped = {}, {}, {}
+    if a.dataset:
+        names = {"train": a.train_split_name, "validation": a.validation_split_name}
+        hub, where = read_hub_splits(a, model_args.cache_dir, names)
+        for split, ds in hub.items():
+            col = mlm.text_column_of(ds.column_names, a.text_column, TEXT_COLUMNS, where[split])
+            texts[split], skipped[split] = mlm.texts_from_column(ds[col], where[split], col)
+        return texts, where, skipped
     for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
                                                                        "--validation_file")):
         if path:
-            texts[split], skipped[split] = read_texts(path, flag, a.text_column)
+            texts[split], skipped[split] = mlm.read_texts(path, flag, a.text_column, TEXT_COLUMNS)
             where[split] = f"{flag} '{path}'"
     return texts, where, skipped
 
 
-class MlmSpec(TaskSpec):
+@dataclass
+class MlmModelState:
+    head_new: list   # MLM head weights initialised here (the checkpoint had none)
+    tied: bool       # decoder tied to the input embeddings
+
+
+class MlmTask(Task):
+    name = "fill-mask"
+    pipeline_task = "fill-mask"
     description = __doc__
     data_arguments = MlmDataArguments
-    pipeline_task = "fill-mask"
-    task_name = "fill-mask"
     eval_before_training = True
 
     def load_data(self, ctx: Context) -> PreparedData:
@@ -149,54 +113,32 @@ class MlmSpec(TaskSpec):
                 raise UserError(f"{where['train']} has a single text: too little to hold out "
                                 f"--validation_split {a.validation_split}; pass --validation_file or "
                                 "--validation_split 0.")
-            keep, take = D.split_indices(len(texts["train"]), a.validation_split,
-                                         (ctx.split.seed if ctx.split is not None else args.seed) + 1)
-            texts["validation"] = [texts["train"][i] for i in take]
-            texts["train"] = [texts["train"][i] for i in keep]
+            rows = plan_rows(len(texts["train"]), None, ctx.split.seed if ctx.split else args.seed, set(texts),
+                             a.validation_split)
+            texts = {split: [texts["train"][i] for i in rows[split]] for split in ("train", "validation")}
             derived = True
 
         special_ids = sorted(set(tok.all_special_ids))
-        self.special_ids, self.mask_id, self.vocab_size = special_ids, tok.mask_token_id, len(tok)
         packed = not a.line_by_line
-        tok_key = D.tokenizer_fingerprint(tok)
-
-        def encode(batch):
-            if packed:  # no special tokens, no truncation: the packer adds [CLS]/[SEP] per block
-                enc = tok(batch["text"], add_special_tokens=False, verbose=False)
-            else:
-                enc = tok(batch["text"], truncation=True, max_length=a.max_length)
-            out = {"input_ids": enc["input_ids"]}
-            if not packed:
-                out["attention_mask"] = enc["attention_mask"]
-                out["length"] = [len(x) for x in enc["input_ids"]]
-            if a.whole_word_mask:
-                out["word_start"] = [M.word_starts(enc.word_ids(i)) for i in range(len(enc["input_ids"]))]
-            return out
+        key = [tokenizer_fingerprint(tok), packed, a.max_length if not packed else 0, a.whole_word_mask]
+        encode = mlm.encoder(tok, packed, a.max_length, a.whole_word_mask)
 
         out, stats = {}, {}
         for split in ("train", "validation"):
             if split not in texts:
                 continue
-            raw = datasets.Dataset.from_dict({"text": texts[split]})
-            res = D.tokenize_cached(raw, encode, [tok_key, packed, a.max_length if not packed else 0,
-                                                  a.whole_word_mask], ctx.accelerator, remove_columns=["text"],
-                                    num_proc=a.preprocessing_num_workers, overwrite=a.overwrite_cache,
-                                    desc=f"Tokenizing {split}")
-            enc = res.dataset
-            ctx.timings[f"tokenize_{split}_cached"] = res.from_cache
-            n_text_tokens = int(sum(enc["length"])) if not packed else int(len(M._flat(enc, "input_ids")[0]))
+            enc = tokenize_split(ctx, split, datasets.Dataset.from_dict({"text": texts[split]}), encode, key, ["text"])
+            n_text_tokens = int(sum(enc["length"])) if not packed else int(len(mlm._flat(enc, "input_ids")[0]))
             if packed:
-                enc = M.pack(enc, a.max_length, tok.cls_token_id, tok.sep_token_id, a.whole_word_mask)
-            else:
-                truncated = int(np.sum(np.asarray(enc["length"]) >= a.max_length))
+                enc = mlm.pack(enc, a.max_length, tok.cls_token_id, tok.sep_token_id, a.whole_word_mask)
             tokens = int(np.sum(enc["length"]))
             stats[split] = {"texts": len(texts[split]), "examples": len(enc), "tokens": tokens,
                             "text_tokens": n_text_tokens, "blank_rows_skipped": skipped.get(split, 0)}
             if not packed:
-                stats[split]["truncated_lines"] = truncated
+                stats[split]["truncated_lines"] = int(np.sum(np.asarray(enc["length"]) >= a.max_length))
             if split == "validation":
-                enc, n_masked = M.fixed_eval_masks(enc, special_ids, a.mlm_probability, self.mask_id,
-                                                   self.vocab_size, a.eval_mask_seed, a.whole_word_mask)
+                enc, n_masked = mlm.fixed_eval_masks(enc, special_ids, a.mlm_probability, tok.mask_token_id,
+                                                     len(tok), a.eval_mask_seed, a.whole_word_mask)
                 if n_masked == 0:
                     raise UserError(f"the evaluation text ({where.get('validation', 'held-out lines')}) is too short "
                                     f"for any token to be masked at --mlm_probability {a.mlm_probability}; pass "
@@ -208,8 +150,7 @@ class MlmSpec(TaskSpec):
                         f" ({stats[split]['masked_tokens']} masked for evaluation)" if split == "validation" else "")
         if args.max_train_samples:
             out["train"] = out["train"].select(range(min(args.max_train_samples, len(out["train"]))))
-        source = f"{a.dataset}/{a.dataset_config}" if a.dataset else os.path.basename(a.train_file)
-        info = {"source": source, "mode": "packed" if packed else "line_by_line", "max_length": a.max_length,
+        info = {"source": source_name(a), "mode": "packed" if packed else "line_by_line", "max_length": a.max_length,
                 "mlm_probability": a.mlm_probability, "whole_word_mask": a.whole_word_mask,
                 "eval_mask_seed": a.eval_mask_seed, "splits": stats,
                 "derived_splits": ["validation"] if derived else [],
@@ -218,56 +159,54 @@ class MlmSpec(TaskSpec):
                             identity={"mode": info["mode"], "max_length": a.max_length,
                                       "whole_word_mask": a.whole_word_mask})
 
-    def build_model(self, ctx: Context, data: PreparedData):
+    def build_model(self, ctx: Context, data: PreparedData) -> BuiltModel:
         from transformers import AutoModelForMaskedLM
 
-        model, new = load_pretrained(AutoModelForMaskedLM, ctx.model_args)
-        model._new_weights = new
-        if len(ctx.tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise UserError(f"the tokenizer has {len(ctx.tokenizer)} tokens but the model's embedding has "
-                            f"{model.get_input_embeddings().num_embeddings} rows; use the model's own tokenizer.")
-        self.head_new = M.head_is_new(model, new)
-        self.unexpected, self.prefix = model._unexpected_keys, model.base_model_prefix
-        if self.head_new:
+        built = load_pretrained(AutoModelForMaskedLM, ctx.model_args)
+        rows = built.model.get_input_embeddings().num_embeddings
+        if len(ctx.tokenizer) > rows:
+            raise UserError(f"the tokenizer has {len(ctx.tokenizer)} tokens but the model's embedding has {rows} rows; "
+                            "use the model's own tokenizer.")
+        head_new = mlm.head_is_new(built.model, built.new_weights)
+        if head_new:
             logger.warning("'%s' has no trained MLM head (%s newly initialised): the initial perplexity is that "
-                           "of a random head; training fits it", ctx.model_args.model, ", ".join(self.head_new))
-        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        return model
+                           "of a random head; training fits it", ctx.model_args.model, ", ".join(head_new))
+        built.state = MlmModelState(head_new, bool(getattr(built.model.config, "tie_word_embeddings", False)))
+        return built
 
-    def make_task(self, ctx, data, model):
-        a, args = ctx.data_args, ctx.args
+    def objective(self, ctx, data, built):
+        a, args, tok = ctx.data_args, ctx.args, ctx.tokenizer
         static = ctx.accelerator.distributed_type == "XLA" or args.torch_compile
-        full = a.full_decoder or static
         if static and not a.full_decoder:
             logger.info("decoder on every position (XLA/--torch_compile need static shapes)")
-        self.full_decoder = full
-        return MlmTask(model, self.special_ids, self.mask_id, self.vocab_size, a.mlm_probability,
-                       a.whole_word_mask, full, self.tied, a.line_by_line)
+        return MlmObjective(built.model, sorted(set(tok.all_special_ids)), tok.mask_token_id, len(tok),
+                            a.mlm_probability, a.whole_word_mask, a.full_decoder or static, built.state.tied,
+                            a.line_by_line)
 
-    def extra_results(self, ctx, data, results: dict, engine) -> dict:
-        before = engine.state.initial_eval.get("perplexity")
+    def extra_results(self, ctx, data, built, results: dict, trainer) -> dict:
+        before = trainer.state.initial_eval.get("perplexity")
         after = results.get("eval", {}).get("perplexity")
-        ppl = {"before": before, "after": after,
-               "reduction": before / after if before and after else None}
-        head = {"trained_head_in_checkpoint": not self.head_new, "newly_initialised_head": self.head_new,
-                "decoder_tied_to_embeddings": M.decoder_tied(ctx.accelerator.unwrap_model(engine.model))}
-        return {"perplexity": ppl, "mlm": head | {"decoder": "all positions" if self.full_decoder
-                                                  else "masked positions only",
-                                                  "pooler_kept": getattr(self, "carried", [])}}
+        ppl = {"before": before, "after": after, "reduction": before / after if before and after else None}
+        head = built.state.head_new
+        return {"perplexity": ppl, "mlm": {
+            "trained_head_in_checkpoint": not head, "newly_initialised_head": head,
+            "decoder_tied_to_embeddings": mlm.decoder_tied(ctx.accelerator.unwrap_model(trainer.model)),
+            "decoder": "all positions" if trainer.objective.full_decoder else "masked positions only"}}
 
-    def after_save(self, ctx, output_dir):
-        model_args = ctx.model_args
-        self.carried = M.carry_pooler(model_args, getattr(self, "unexpected", []), self.prefix, output_dir)
-        if self.carried:
+    def after_save(self, ctx, data, built, output_dir) -> dict:
+        """Copy the checkpoint's pre-trained pooler into the saved model (see mlm.carry_pooler)."""
+        carried = mlm.carry_pooler(ctx.model_args, built.unexpected_keys, built.model.base_model_prefix, output_dir)
+        if carried:
             logger.info("kept the checkpoint's pre-trained pooler (%s) in %s for classifiers started from it",
-                        ", ".join(self.carried), output_dir)
+                        ", ".join(carried), output_dir)
+        return {"mlm": {"pooler_kept": carried}}
 
     def model_card(self, ctx, data):
         return {"labels": None, "example": f"print(pipe('Paris is the {ctx.tokenizer.mask_token} of France.'))"}
 
 
-class MlmTask:
-    """Training batches are masked on the device, per micro-batch, from the engine's seeded RNG
+class MlmObjective(Objective):
+    """Training batches are masked on the device, per micro-batch, from the loop's seeded RNG
     (prepare_batch); evaluation batches carry their fixed masks. The loss is summed over predicted
     tokens and divided by their count across the accumulation window and all processes."""
     default_metric = "perplexity"
@@ -279,14 +218,14 @@ class MlmTask:
         self.special = torch.tensor(special_ids, dtype=torch.long)
         self.mask_id, self.vocab_size, self.probability = mask_id, vocab_size, probability
         self.whole_word, self.full_decoder, self.tied = whole_word, full_decoder, tied
-        self.decoder = None if full_decoder else M.MaskedPositionsOnly(model)
+        self.decoder = None if full_decoder else mlm.MaskedPositionsOnly(model)
 
     def after_prepare(self, model) -> None:
         """Prepared models must keep the decoder tied to the input embeddings (moving to XLA unties it)."""
-        if self.tied and not M.decoder_tied(model):
+        if self.tied and not mlm.decoder_tied(model):
             model.tie_weights()
             logger.info("re-tied the decoder to the input embeddings after prepare()")
-        if self.tied and not M.decoder_tied(model):
+        if self.tied and not mlm.decoder_tied(model):
             raise UserError("the model's decoder could not be tied to its input embeddings after prepare().")
 
     def prepare_batch(self, batch: dict) -> dict:
@@ -294,7 +233,7 @@ class MlmTask:
             return batch
         ids = batch["input_ids"]
         special = torch.isin(ids, self.special.to(ids.device))
-        masked, labels = M.mask_tokens(ids, special, self.probability, self.mask_id, self.vocab_size,
+        masked, labels = mlm.mask_tokens(ids, special, self.probability, self.mask_id, self.vocab_size,
                                        batch.get("word_start") if self.whole_word else None)
         return {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
 
@@ -306,7 +245,7 @@ class MlmTask:
         sampler); None for packed blocks, whose per-batch count is already the mean."""
         if not self.line_by_line:
             return None
-        ids = D.flat_values(dataset, "input_ids")
+        ids = flat_values(dataset, "input_ids")
         maskable = np.isin(ids.to_numpy(zero_copy_only=False), self.special.numpy(), invert=True).sum()
         return float(maskable) * self.probability
 
@@ -319,7 +258,7 @@ class MlmTask:
             keep = labels != -100
             logits = model(**inputs).logits
             return logits[keep], labels[keep], keep.nonzero()[:, 0]
-        index, targets = M.masked_positions(labels)
+        index, targets = mlm.masked_positions(labels)
         self.decoder.index = index
         try:
             logits = model(**inputs).logits
@@ -349,9 +288,12 @@ class MlmTask:
                 "masked_tokens": int(count)}
 
 
+TASK = MlmTask()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point; `argv` as a list of strings (notebooks: notebook_launcher(main, (argv,)))."""
-    return run(MlmSpec(), argv)
+    return launch(TASK, argv)
 
 
 if __name__ == "__main__":

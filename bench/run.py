@@ -48,7 +48,8 @@ PRESETS = {
         "--num_train_epochs", "1", "--learning_rate", "5e-5", "--per_device_train_batch_size", "32",
         "--max_length", "128", "--seed", "42"]),
     "mlm": ("train_mlm.py", "perplexity", [
-        "--train_file", f"{ASSETS}/wikitext2/wiki.valid.tokens", "--validation_file", f"{ASSETS}/wikitext2/wiki.test.tokens",
+        "--train_file", f"{ASSETS}/wikitext2/wiki.valid.tokens",
+        "--validation_file", f"{ASSETS}/wikitext2/wiki.test.tokens",
         "--num_train_epochs", "1", "--learning_rate", "5e-5", "--per_device_train_batch_size", "32",
         "--max_length", "128", "--seed", "42"]),
 }
@@ -189,27 +190,22 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
     sys.path.insert(0, ROOT)
     script, _, preset = PRESETS[task]
     module = importlib.import_module(script[:-3])
-    from common import engine
-    from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler, pad_multiple
+    from common.build import build_optimizer, install_fast_dropout
+    from common.collate import LengthGroupedSampler, SeededRandomSampler
     from common.config import ModelArguments, TrainArguments, parse_args
-    from common.runner import Context, load_config, load_tokenizer
+    from common.runtime import make_runtime, reset_accelerate_state
+    from common.single_run import prepare_run
+    from common.task import Context
 
-    spec = next(v() for v in vars(module).values() if isinstance(v, type) and issubclass(v, module.TaskSpec)
-                and v is not module.TaskSpec)
     with tempfile.TemporaryDirectory() as out:
-        m, d, a = parse_args([ModelArguments, spec.data_arguments, TrainArguments],
+        # The run's own set-up (tokenizer, data, model, objective, collator): what the script trains on.
+        m, d, a = parse_args([ModelArguments, module.TASK.data_arguments, TrainArguments],
                              ["--model", model, *preset, *flags, "--output_dir", out], "micro")
-        engine.reset_accelerate_state()
-        acc = engine.make_accelerator(a, out)
-        ctx = Context(m, d, a, acc)
-        ctx.tokenizer = load_tokenizer(m, **spec.tokenizer_kwargs(ctx))
-        ctx.model_config = load_config(m)
-        data = spec.load_data(ctx)
-        model_obj = spec.build_model(ctx, data)
-        task_obj = spec.make_task(ctx, data, model_obj)
-        multiple = pad_multiple(a, acc)
-        fixed = getattr(d, "max_length", None) if a.pad_to_max_length else None
-        collate = spec.make_collator(ctx, data, PadCollator(ctx.tokenizer.pad_token_id, multiple, fixed))
+        reset_accelerate_state()
+        runtime = make_runtime(a, out)
+        acc = runtime.accelerator
+        inputs = prepare_run(module.TASK, Context(m, d, a, runtime))
+        data, model_obj, objective, collate = inputs.data, inputs.built.model, inputs.objective, inputs.collator
         bs = a.per_device_train_batch_size
         sampler = (LengthGroupedSampler(data.train["length"], bs, a.seed) if a.group_by_length
                    else SeededRandomSampler(len(data.train), a.seed))
@@ -218,24 +214,21 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
         for i in range(steps + 2):
             idx = [order[(i * bs + j) % len(order)] for j in range(bs)]
             batch = {k: v.to(acc.device) for k, v in collate([data.train[k] for k in idx]).items()}
-            if hasattr(task_obj, "prepare_batch"):  # MLM masking, seeded
-                torch.manual_seed(i)
-                batch = task_obj.prepare_batch(batch)
-            batches.append(batch)
-        engine.install_fast_dropout(model_obj, a, acc.device)
-        opt = engine.build_optimizer(model_obj, a, acc.device)
+            torch.manual_seed(i)
+            batches.append(objective.prepare_batch(batch))  # MLM masking, seeded; others unchanged
+        install_fast_dropout(model_obj, a, acc.device)
+        opt, _ = build_optimizer(model_obj, a, acc.device)
         model_obj, opt = acc.prepare(model_obj, opt)
-        if hasattr(task_obj, "after_prepare"):
-            task_obj.after_prepare(acc.unwrap_model(model_obj))
+        objective.after_prepare(acc.unwrap_model(model_obj))
         model_obj.train()
         tokens = padded = decoded = 0
-        full_decoder = getattr(task_obj, "full_decoder", True)
+        full_decoder = task != "mlm" or objective.full_decoder
         for i, batch in enumerate(batches):
             if i == 2:  # two warm-up steps
                 if acc.device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-            loss = task_obj.loss_sum(model_obj, batch) / task_obj.count_items(batch)
+            loss = objective.loss_sum(model_obj, batch) / objective.count_items(batch)
             acc.backward(loss)
             if a.max_grad_norm > 0:
                 acc.clip_grad_norm_(model_obj.parameters(), a.max_grad_norm)
@@ -250,7 +243,7 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         precision = acc.mixed_precision
-        engine.reset_accelerate_state()
+        reset_accelerate_state()
         achieved = flops(shape, padded, steps * bs, decoded if task == "mlm" else 0) / seconds / 1e9
         peak = peaks["bfloat16" if precision == "bf16" else "float32"]
         return {"task": task, "config": "micro_fwd_bwd_step", "args": " ".join(flags), "steps": steps,
@@ -278,7 +271,8 @@ def main(argv=None) -> None:
     configs = [c.split("=", 1) if "=" in c else (c, "") for c in (args.config or DEFAULT_CONFIGS[args.task])]
     peaks = matmul_peaks()
     shape = model_shape(model)
-    print(json.dumps({"machine": {"cpus": os.cpu_count(), "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+    print(json.dumps({"machine": {"cpus": os.cpu_count(),
+                                  "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
                                   "model": shape}, "common": args.common}), flush=True)
     cache = tempfile.mkdtemp(prefix="bench-cache-")
     runs: dict[str, list[dict]] = {}
@@ -300,7 +294,8 @@ def main(argv=None) -> None:
         vals = [r[key] for r in runs[name] if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    load = [(r["load_tokenize_seconds"], r["tokenization_cached"]) for rs in runs.values() for r in rs if "error" not in r]
+    load = [(r["load_tokenize_seconds"], r["tokenization_cached"])
+            for rs in runs.values() for r in rs if "error" not in r]
     for name, flags in configs:
         summary = {"summary": name, "args": flags, "runs": len(runs[name])}
         for key in SUMMARY_KEYS:
@@ -318,7 +313,8 @@ def main(argv=None) -> None:
     if args.micro:
         script_tps = mean(base, "train_tokens_per_second")
         script_ptps = mean(base, "padded_tokens_per_second")
-        micro_res["script_over_micro"] = round(script_tps / micro_res["train_tokens_per_second"], 3) if script_tps else None
+        micro_res["script_over_micro"] = (round(script_tps / micro_res["train_tokens_per_second"], 3)
+                                          if script_tps else None)
         micro_res["script_over_micro_padded"] = (round(script_ptps / micro_res["padded_tokens_per_second"], 3)
                                                  if script_ptps else None)
         print(json.dumps(micro_res), flush=True)

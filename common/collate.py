@@ -69,7 +69,8 @@ class LengthGroupedSampler(Sampler[int]):
     Same seed and epoch => same order on every process, which accelerate's sharding relies on.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 50, shuffle_batches: bool = True):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 50,
+                 shuffle_batches: bool = True):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed

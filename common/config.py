@@ -128,7 +128,8 @@ class TrainArguments:
         "compile), 8 under mixed precision (tensor-core friendly), else none."))
     pad_to_max_length: bool = field(default=False, metadata=_help(
         "Pad every batch to --max_length (static shapes; always on for TPU). Slower: for comparisons."))
-    optim: Literal["auto", "adamw_torch_fused", "adamw_torch_foreach", "adamw_torch"] = field(default="auto", metadata=_help(
+    optim: Literal["auto", "adamw_torch_fused", "adamw_torch_foreach", "adamw_torch"] = field(
+        default="auto", metadata=_help(
         "AdamW implementation: fused (one kernel for all parameters), foreach (batched per parameter group) or "
         "adamw_torch (PyTorch's default). auto: fused where PyTorch has it for the device, else foreach."))
     fast_dropout: bool = field(default=True, metadata=_help(

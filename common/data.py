@@ -120,6 +120,32 @@ def load_hub_splits(name: str, config: Optional[str], cache_dir: Optional[str], 
     return dict(ds)
 
 
+def read_hub_splits(a, cache_dir: Optional[str], names: dict[str, str]) -> tuple[dict, dict]:
+    """Splits of the Hub dataset `a.dataset` by our split name (train/validation/test -> the Hub's name
+    in `names`), and where each came from (for messages). The training split must exist."""
+    hub = load_hub_splits(a.dataset, a.dataset_config, cache_dir)
+    if names["train"] not in hub:
+        raise UserError(f"--dataset '{a.dataset}' has no split '{names['train']}'; its splits are "
+                        f"{fmt_columns(list(hub))} (set --train_split_name).")
+    splits = {k: hub[v] for k, v in names.items() if v in hub}
+    return splits, {k: f"split '{names[k]}' of --dataset '{a.dataset}'" for k in splits}
+
+
+def source_name(a) -> str:
+    """The data's name in results.json and the model card: the Hub dataset/config or the training file."""
+    return f"{a.dataset}/{a.dataset_config}" if a.dataset else os.path.basename(a.train_file)
+
+
+def tokenize_split(ctx, split: str, raw: datasets.Dataset, fn: Callable[[dict], dict], key_parts: Sequence,
+                   remove_columns: Sequence[str]) -> datasets.Dataset:
+    """tokenize_cached with the run's settings; records whether `split` came from the cache in ctx.timings."""
+    a = ctx.data_args
+    res = tokenize_cached(raw, fn, key_parts, ctx.accelerator, remove_columns=remove_columns,
+                          num_proc=a.preprocessing_num_workers, overwrite=a.overwrite_cache, desc=f"Tokenizing {split}")
+    ctx.timings[f"tokenize_{split}_cached"] = res.from_cache
+    return res.dataset
+
+
 def require_columns(columns: Sequence[str], wanted: Sequence[str], where: str, flag_of: dict[str, str]) -> None:
     for col in wanted:
         if col not in columns:
@@ -142,7 +168,8 @@ def is_missing(v: object) -> bool:
     return isinstance(v, str) and not v.strip()
 
 
-def split_indices(n: int, fraction: float, seed: int, stratify: Optional[Sequence] = None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, fraction: float, seed: int,
+                  stratify: Optional[Sequence] = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (stratified when labels are given and every class has ≥ 2 members) split of range(n)."""
     from sklearn.model_selection import train_test_split
 

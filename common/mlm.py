@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .errors import UserError
+from .data import TABLE_EXTENSIONS, check_file, is_missing, read_table, require_columns
+from .errors import UserError, fmt_columns
 
 TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
 
@@ -44,6 +45,67 @@ def read_text_lines(path: str, flag: str) -> list[str]:
     if not lines:
         raise UserError(f"{flag} '{path}' has no text (every line is blank).")
     return lines
+
+
+def read_texts(path: str, flag: str, column: Optional[str], candidates: Sequence[str]) -> tuple[list[str], int]:
+    """(non-blank texts, number of blank/missing rows skipped) from a text file or a table."""
+    ext = check_file(path, flag, TEXT_EXTENSIONS + TABLE_EXTENSIONS)
+    if ext in TEXT_EXTENSIONS:
+        if column:
+            raise UserError(f"--text_column '{column}' was given but {flag} '{path}' is a plain text file "
+                            "(one text per line); drop --text_column or pass a table.")
+        return read_text_lines(path, flag), 0
+    df = read_table(path, flag)
+    col = text_column_of(list(df.columns), column, candidates, f"{flag} '{path}'")
+    return texts_from_column(list(df[col]), f"{flag} '{path}'", col)
+
+
+def text_column_of(columns: list, given: Optional[str], candidates: Sequence[str], where: str) -> str:
+    """The text column of a table: --text_column, else the one known name present, else the only column."""
+    if given:
+        require_columns(columns, [given], where, {given: "--text_column"})
+        return given
+    found = [c for c in candidates if c in columns]
+    if len(found) == 1:
+        return found[0]
+    if len(columns) == 1:
+        return columns[0]
+    raise UserError(f"{where}: cannot tell the text column among {fmt_columns(columns)}; pass --text_column.")
+
+
+def texts_from_column(values: list, where: str, column: str) -> tuple[list[str], int]:
+    """(stripped texts, number of empty rows skipped); a non-text value is an error naming its row."""
+    texts, skipped = [], 0
+    for i, v in enumerate(values):
+        if is_missing(v):
+            skipped += 1
+            continue
+        if not isinstance(v, str):
+            raise UserError(f"{where}, row {i + 1}: column '{column}' holds {type(v).__name__} {str(v)[:40]!r}, "
+                            "not text; pick the text column with --text_column.")
+        texts.append(v.strip())
+    if not texts:
+        raise UserError(f"{where}: column '{column}' has no text (every row is empty).")
+    return texts, skipped
+
+
+def encoder(tokenizer, packed: bool, max_length: int, whole_word_mask: bool):
+    """The batched tokenization function: packed mode keeps every token of every text (no special
+    tokens, no truncation: `pack` adds [CLS]/[SEP] per block); line-by-line truncates each line."""
+    def encode(batch):
+        if packed:
+            enc = tokenizer(batch["text"], add_special_tokens=False, verbose=False)
+        else:
+            enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        out = {"input_ids": enc["input_ids"]}
+        if not packed:
+            out["attention_mask"] = enc["attention_mask"]
+            out["length"] = [len(x) for x in enc["input_ids"]]
+        if whole_word_mask:
+            out["word_start"] = [word_starts(enc.word_ids(i)) for i in range(len(enc["input_ids"]))]
+        return out
+
+    return encode
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .engine import logger
+from .log import logger
 
 
 def _plt():
@@ -108,7 +108,8 @@ def confusion_matrix(matrix, labels: Sequence[str], path: str, title: str) -> Op
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the gold row")
     short = [str(x) if len(str(x)) <= 14 else str(x)[:13] + "…" for x in labels]
-    ax.set_xticks(range(k), short, rotation=45 if k > 4 or max(map(len, short)) > 6 else 0, ha="right" if k > 4 else "center")
+    ax.set_xticks(range(k), short, rotation=45 if k > 4 or max(map(len, short)) > 6 else 0,
+                  ha="right" if k > 4 else "center")
     ax.set_yticks(range(k), short)
     if k <= 20:
         for i in range(k):

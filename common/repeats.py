@@ -15,12 +15,17 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import plots, reporting
+from .checkpoint import list_checkpoints
+from .config import to_jsonable
 from .errors import UserError
+from .log import logger
+from .plan import PlannedRun
+from .single_run import run_single
 from .stats import summarize
+from .task import Context
 
 MANIFEST = "runs.json"
 SUMMARY = "summary.json"
@@ -29,38 +34,9 @@ SUMMARY_TXT = "summary.txt"
 HEADLINE = ("accuracy", "f1", "mcc", "macro_f1", "precision", "recall", "pearson", "spearman", "rmse", "perplexity")
 
 
-@dataclass(frozen=True)
-class SplitPlan:
-    seed: int                 # seed of derived splits and of the fold assignment
-    kfold: int = 0            # 0: no cross-validation
-    fold: int = 0             # 0-based held-out fold
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    name: str
-    seed: int
-    split: SplitPlan
-
-
-def plan_runs(args) -> list[PlannedRun]:
-    seeds = args.run_seeds()
-    runs = []
-    for seed in seeds:
-        split_seed = seed if args.resplit_per_seed else seeds[0]
-        folds = range(args.kfold) if args.kfold >= 2 else [None]
-        for fold in folds:
-            if fold is None:
-                runs.append(PlannedRun(f"seed_{seed}", seed, SplitPlan(split_seed)))
-            else:
-                name = f"fold_{fold + 1}" if len(seeds) == 1 else f"seed_{seed}_fold_{fold + 1}"
-                runs.append(PlannedRun(name, seed, SplitPlan(split_seed, args.kfold, fold)))
-    return runs
-
-
-def _manifest(spec, settings: dict, runs: list[PlannedRun]) -> dict:
+def _manifest(task, settings: dict, runs: list[PlannedRun]) -> dict:
     ignore = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to"}
-    return {"task": spec.task_name, "runs": [dataclasses.asdict(r) for r in runs],
+    return {"task": task.name, "runs": [dataclasses.asdict(r) for r in runs],
             "settings": {k: v for k, v in settings.items() if k not in ignore}}
 
 
@@ -88,20 +64,13 @@ def check_parent(output_dir: str, overwrite: bool, manifest: dict) -> bool:
     return False
 
 
-def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
-    """`run_one(ctx)` is runner._run. Returns the summary (also written to summary.json)."""
+def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) -> dict:
+    """Run every planned run (skipping those finished earlier); returns the summary (also in summary.json)."""
     from accelerate.utils import broadcast_object_list
 
-    from .config import to_jsonable
-    from .engine import logger, setup_logging
-    from .runner import Context
-
-    setup_logging(accelerator)
-    if args.kfold and not getattr(spec, "supports_kfold", False):
-        raise UserError(f"--kfold is not available for {spec.task_name}; use --seeds for repeated runs.")
-    runs = plan_runs(args)
+    accelerator = runtime.accelerator
     settings = to_jsonable(model_args, data_args, args)
-    manifest = _manifest(spec, settings, runs)
+    manifest = _manifest(task, settings, runs)
     continuing = [check_parent(args.output_dir, args.overwrite_output_dir, manifest)
                   if accelerator.is_main_process else None]
     broadcast_object_list(continuing)
@@ -131,8 +100,6 @@ def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
             per_run[run.name] = finished[0]
             earlier += 1
             continue
-        from .checkpoint import list_checkpoints
-
         has_ckpt = [bool(list_checkpoints(os.path.join(sub, "checkpoints"))) if accelerator.is_main_process else None]
         broadcast_object_list(has_ckpt)
         resume = "latest" if has_ckpt[0] else None
@@ -142,10 +109,8 @@ def run_all(spec, model_args, data_args, args, accelerator, run_one) -> dict:
         run_args = dataclasses.replace(args, seed=run.seed, output_dir=sub, overwrite_output_dir=True,
                                        resume_from_checkpoint=resume, seeds=None, num_runs=1, kfold=0,
                                        resplit_per_seed=False)
-        ctx = Context(model_args, data_args, run_args, accelerator)
-        ctx.split = run.split
-        ctx.run_name = run.name
-        per_run[run.name] = run_one(spec, ctx)
+        ctx = Context(model_args, data_args, run_args, runtime, split=run.split, run_name=run.name)
+        per_run[run.name] = run_single(task, ctx)
         accelerator.free_memory()
         gc.collect()
 

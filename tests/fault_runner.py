@@ -12,7 +12,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import checkpoint, engine  # noqa: E402
+from common import checkpoint, loop  # noqa: E402
 from common.errors import run_cli  # noqa: E402
 
 POINT, STEP, MARKER = os.environ["FAULT_POINT"], int(os.environ["FAULT_STEP"]), os.environ["FAULT_MARKER"]
@@ -29,23 +29,23 @@ def park():
 
 
 if POINT == "train":
-    original_record = engine.Engine.record
+    original_record = loop.Trainer.record
 
     def record(self, values):
         original_record(self, values)
         if self.state.global_step == STEP and "loss" in values and in_run(self):
             park()
 
-    engine.Engine.record = record
+    loop.Trainer.record = record
 elif POINT == "eval":
-    original_evaluate = engine.Engine.evaluate
+    original_evaluate = loop.Trainer.evaluate
 
     def evaluate(self, dataloader=None):
         if self.state.global_step == STEP:
             park()
         return original_evaluate(self, dataloader)
 
-    engine.Engine.evaluate = evaluate
+    loop.Trainer.evaluate = evaluate
 elif POINT == "checkpoint":
     original_fsync = checkpoint._fsync_tree
 
@@ -57,7 +57,7 @@ elif POINT == "checkpoint":
     checkpoint._fsync_tree = fsync_tree
 
 elif POINT == "die":  # one rank of a multi-process run dies abruptly (as if OOM-killed)
-    original_record = engine.Engine.record
+    original_record = loop.Trainer.record
 
     def record(self, values):
         original_record(self, values)
@@ -65,7 +65,7 @@ elif POINT == "die":  # one rank of a multi-process run dies abruptly (as if OOM
             open(MARKER, "w").close()
             os._exit(9)
 
-    engine.Engine.record = record
+    loop.Trainer.record = record
 
 import train_cls  # noqa: E402
 

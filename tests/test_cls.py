@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, toy_sentence, write_csv
-
 import train_cls
+from conftest import FAST, toy_sentence, write_csv
 
 LEARN = ["--num_train_epochs", "8", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
          "--logging_steps", "5", "--mixed_precision", "no"]
@@ -98,7 +97,8 @@ def test_joined_text_columns_and_hidden_test_labels(tiny_model, tmp_path):
         y = rng.randint(0, 1)
         rows.append((i, "title " + toy_sentence(rng, y, 3), toy_sentence(rng, y), y))
     train = write_csv(tmp_path / "train.csv", ["id", "title", "text", "label"], rows)
-    test = write_csv(tmp_path / "test.csv", ["id", "title", "text", "label"], [(i, "title a", "b c", -1) for i in range(9)])
+    test = write_csv(tmp_path / "test.csv", ["id", "title", "text", "label"],
+                     [(i, "title a", "b c", -1) for i in range(9)])
     out = tmp_path / "out"
     res = train_cls.main(["--model", tiny_model, "--train_file", train, "--test_file", test, "--text_columns", "title",
                           "text", "--output_dir", str(out), *FAST])
@@ -126,24 +126,24 @@ def test_preempt_mid_epoch_then_resume_gives_identical_weights(tiny_model, senti
     uninterrupted run: same weights (the restored best ones), same metrics, each step logged once."""
     import signal
 
-    from common import engine
+    from common import loop
 
     common = [*LEARN, "--num_train_epochs", "2", "--checkpointing_steps", "6", "--eval_steps", "7"]
     full = tmp_path / "full"
     ref = run_cls(tiny_model, sentiment_files, full, *common)
     part = tmp_path / "part"
-    original = engine.Engine.record
+    original = loop.Trainer.record
 
     def record_then_preempt(self, values):
         original(self, values)
         if self.state.global_step == 20 and "loss" in values:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(engine.Engine, "record", record_then_preempt)
+    monkeypatch.setattr(loop.Trainer, "record", record_then_preempt)
     with pytest.raises(SystemExit) as stop:
         run_cls(tiny_model, sentiment_files, part, *common)
     assert stop.value.code == 75
-    monkeypatch.setattr(engine.Engine, "record", original)
+    monkeypatch.setattr(loop.Trainer, "record", original)
     state = json.loads((part / "checkpoints" / "step_20" / "trainer_state.json").read_text())
     assert state["kind"] == "preempted" and state["epoch"] == 1 and state["batches_in_epoch"] == 5
     assert not (part / "results.json").exists()
@@ -243,16 +243,18 @@ def test_speed_settings_are_recorded_and_timings_exclude_evaluation(tiny_model, 
     assert abs(timing["train_steps_seconds"] + timing["eval_during_training_seconds"] + timing["checkpoint_seconds"]
                - timing["train_seconds"]) < 1e-6
     assert 0 < timing["first_step_seconds"] < timing["train_seconds"]
-    assert train["train_samples_per_second"] == pytest.approx(train["train_samples_seen"] / timing["train_steps_seconds"])
+    assert train["train_samples_per_second"] == pytest.approx(
+        train["train_samples_seen"] / timing["train_steps_seconds"])
     default = run_cls(tiny_model, sentiment_files, tmp_path / "default", *FAST)
     assert default["setup"]["optimizer"] == "adamw_torch_fused"  # auto on CPU: fused (4.5x faster step than foreach)
     assert default["setup"]["attn_implementation"] == "sdpa"
 
 
 def test_sdpa_and_eager_attention_agree(tiny_model):
-    from common.config import ModelArguments
-    from common.runner import load_pretrained
     from transformers import AutoModelForSequenceClassification
+
+    from common.config import ModelArguments
+    from common.models import load_pretrained
 
     torch.manual_seed(0)
     ids = torch.randint(5, 60, (3, 11))
@@ -261,8 +263,8 @@ def test_sdpa_and_eager_attention_agree(tiny_model):
     logits = []
     for impl in ("sdpa", "eager"):
         torch.manual_seed(1)
-        model, _ = load_pretrained(AutoModelForSequenceClassification, ModelArguments(model=tiny_model,
-                                                                                      attn_implementation=impl))
+        model = load_pretrained(AutoModelForSequenceClassification, ModelArguments(model=tiny_model,
+                                                                                   attn_implementation=impl)).model
         assert model.config._attn_implementation == impl
         with torch.no_grad():
             logits.append(model.eval()(input_ids=ids, attention_mask=mask).logits)

@@ -7,10 +7,9 @@ import random
 
 import pytest
 
-from conftest import FAST, run_script, toy_sentence, write_csv
-
 import train_cls
 from common.errors import UserError
+from conftest import FAST, run_script, toy_sentence, write_csv
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,8 @@ CASES = [
     ("not utf-8", "latin1", [], "is not UTF-8"),
     ("malformed json", "broken_json", [], "could not be parsed as json"),
     ("ambiguous columns", "ambiguous", [], "text columns are ambiguous among 'id', 'text', 'label'"),
-    ("misspelled column", "good", ["--text_column", "sentense"], "no column 'sentense' (from --text_column) (did you mean 'sentence'?)"),
+    ("misspelled column", "good", ["--text_column", "sentense"],
+     "no column 'sentense' (from --text_column) (did you mean 'sentence'?)"),
     ("no label column", "no_label", [], "cannot tell the label column"),
     ("misspelled label flag", "labelz", ["--label_column", "label"], "(did you mean 'labl'?)"),
     ("null text", "null_text", [], "row 6: text column 'sentence' is empty"),
@@ -73,17 +73,25 @@ CASES = [
     ("max_length above model", "good", ["--max_length", "4096"], "--max_length 4096 is above the model's limit of 128"),
     ("max_length too small", "good", ["--max_length", "2"], "--max_length must be greater than 2"),
     ("model path missing", "good", ["--model", "/nonexistent/model"], "--model '/nonexistent/model'"),
-    ("zero batch size", "good", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive"),
+    ("zero batch size", "good", ["--per_device_train_batch_size", "0"],
+     "--per_device_train_batch_size must be a positive"),
     ("negative learning rate", "good", ["--learning_rate", "-1"], "--learning_rate must be positive"),
-    ("eval_steps without eval data", "good", ["--eval_steps", "5", "--validation_split", "0"], "--eval_steps was given but there is no evaluation data"),
-    ("unknown flag", "good", ["--learning_rat", "1e-3"], "unknown argument '--learning_rat' (did you mean '--learning_rate'?)"),
-    ("bad checkpointing", "good", ["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer or 'epoch'"),
-    ("resume from missing", "good", ["--resume_from_checkpoint", "/nonexistent/ckpt"], "--resume_from_checkpoint '/nonexistent/ckpt' does not exist"),
+    ("eval_steps without eval data", "good", ["--eval_steps", "5", "--validation_split", "0"],
+     "--eval_steps was given but there is no evaluation data"),
+    ("unknown flag", "good", ["--learning_rat", "1e-3"],
+     "unknown argument '--learning_rat' (did you mean '--learning_rate'?)"),
+    ("bad checkpointing", "good", ["--checkpointing_steps", "often"],
+     "--checkpointing_steps must be a positive integer or 'epoch'"),
+    ("resume from missing", "good", ["--resume_from_checkpoint", "/nonexistent/ckpt"],
+     "--resume_from_checkpoint '/nonexistent/ckpt' does not exist"),
     ("fp16 on cpu", "good", ["--mixed_precision", "fp16"], "fp16 is not supported on CPU"),
     ("ragged csv", "ragged", [], "could not be parsed as csv"),
-    ("unknown scheduler", "good", ["--lr_scheduler_type", "cosin"], "--lr-scheduler-type: invalid choice: 'cosin' (choose from 'linear', 'cosine',"),
-    ("fractional class labels", "fractional", ["--task_type", "classification"], "row 5: label 0.5 in column 'label' is not a whole number"),
-    ("label unseen in training", "good", ["--validation_file", "@unseen_dev"], "has labels ['7'] that never occur in --train_file"),
+    ("unknown scheduler", "good", ["--lr_scheduler_type", "cosin"],
+     "--lr-scheduler-type: invalid choice: 'cosin' (choose from 'linear', 'cosine',"),
+    ("fractional class labels", "fractional", ["--task_type", "classification"],
+     "row 5: label 0.5 in column 'label' is not a whole number"),
+    ("label unseen in training", "good", ["--validation_file", "@unseen_dev"],
+     "has labels ['7'] that never occur in --train_file"),
     ("model dir without weights", "good", ["--model", "@weightless"], "could not be loaded"),
     ("output_dir is a file", "good", ["--output_dir", "@a_file"], "is a file; pass a folder"),
     ("warmup ratio out of range", "good", ["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
@@ -122,7 +130,8 @@ def test_resume_into_a_different_label_set_is_refused(bad_files, tiny_model, tmp
                     "--checkpointing_steps", "1", "--max_steps", "2"])
     ckpt = str(out / "checkpoints" / "step_2")
     rng = random.Random(3)
-    other = write_csv(tmp_path / "other.csv", ["sentence", "label"], [(toy_sentence(rng, y), "ab"[y]) for y in [0, 1] * 10])
+    other = write_csv(tmp_path / "other.csv", ["sentence", "label"],
+                      [(toy_sentence(rng, y), "ab"[y]) for y in [0, 1] * 10])
     with pytest.raises(UserError, match="belongs to a different run \\(labels is"):
         train_cls.main(["--model", tiny_model, "--train_file", other, "--output_dir", str(out), *FAST,
                         "--resume_from_checkpoint", ckpt])
@@ -167,8 +176,10 @@ def test_help_is_grouped(tmp_path):
 
 def test_label_only_in_validation_gets_an_id(tiny_model, tmp_path):
     rng = random.Random(9)
-    train = write_csv(tmp_path / "t.csv", ["text", "label"], [(toy_sentence(rng, y), ["neg", "pos"][y]) for y in [0, 1] * 20])
-    dev = write_csv(tmp_path / "d.csv", ["text", "label"], [(toy_sentence(rng, 1), "mixed"), (toy_sentence(rng, 0), "neg")])
+    train = write_csv(tmp_path / "t.csv", ["text", "label"],
+                      [(toy_sentence(rng, y), ["neg", "pos"][y]) for y in [0, 1] * 20])
+    dev = write_csv(tmp_path / "d.csv", ["text", "label"],
+                    [(toy_sentence(rng, 1), "mixed"), (toy_sentence(rng, 0), "neg")])
     res = train_cls.main(["--model", tiny_model, "--train_file", train, "--validation_file", dev,
                           "--output_dir", str(tmp_path / "o"), *FAST, "--allow_unseen_labels"])
     assert res["data"]["labels"] == ["mixed", "neg", "pos"]
@@ -177,12 +188,12 @@ def test_label_only_in_validation_gets_an_id(tiny_model, tmp_path):
 
 def test_tab_separated_txt_reads_as_tsv(tmp_path):
     """The MSR paraphrase corpus ships as tab-separated .txt with bare quotes in the text."""
-    from common import data as D
+    from common import data
 
     path = tmp_path / "msr_test.txt"
     path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
                     '1\t1089874\t1089925\tPCCW \'s chief said "yes\tHe said "yes" too\n'
                     "0\t3019446\t3019327\tA b c\tD e f\n", encoding="utf-8")
-    df = D.read_table(str(path), "--test_file")
+    df = data.read_table(str(path), "--test_file")
     assert list(df.columns) == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"] and len(df) == 2
     assert df["#1 String"][0] == 'PCCW \'s chief said "yes'

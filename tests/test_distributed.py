@@ -11,9 +11,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
-
 import train_cls
+from conftest import ROOT, run_script
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "accelerate_configs", "*.yaml")))
 # Barely-moving weights: 1 and 2 processes must then evaluate (almost) the same model, so eval
@@ -124,7 +123,8 @@ def test_launcher_world_size_without_process_group_is_refused(tiny_model, sentim
     out = tmp_path / "o"
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "ACCELERATE_USE_CPU": "0"}
-    proc = run_script("train_cls.py", data_args(tiny_model, sentiment_files, out) + NEAR_FROZEN + ["--ddp_timeout", "5"],
+    proc = run_script("train_cls.py",
+                      data_args(tiny_model, sentiment_files, out) + NEAR_FROZEN + ["--ddp_timeout", "5"],
                       env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "could not join the 2-process group" in proc.stderr and "Traceback" not in proc.stderr

@@ -84,9 +84,8 @@ def test_install_swaps_dropout_and_attention_and_uninstall_restores(tiny_model):
 
 
 def test_training_run_uses_fast_dropout_on_cpu_and_saves_a_clean_config(tiny_model, sentiment_files, tmp_path):
-    from conftest import FAST
-
     import train_cls
+    from conftest import FAST
 
     base = ["--model", tiny_model, "--train_file", sentiment_files["train"], "--validation_file",
             sentiment_files["dev"], *FAST, "--max_steps", "4"]

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
-
 import train_cls
+from conftest import ROOT
 
 ARGS = ["--num_train_epochs", "2", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
         "--logging_steps", "1", "--checkpointing_steps", "4", "--eval_steps", "7", "--mixed_precision", "no",
@@ -90,7 +89,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, ti
 
 
 def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tiny_model, sentiment_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_cls.ClassificationTask, "loss_sum", nan_at_step(5))
+    monkeypatch.setattr(train_cls.ClassificationObjective, "loss_sum", nan_at_step(5))
     out = tmp_path / "nan"
     with pytest.raises(train_cls.UserError, match="became NaN/inf at optimizer step 5"):
         train_cls.main(argv(tiny_model, sentiment_files, out))
@@ -99,7 +98,7 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tiny_model, sentim
 
 
 def test_skip_nonfinite_counts_skipped_steps(tiny_model, sentiment_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_cls.ClassificationTask, "loss_sum", nan_at_step(5))
+    monkeypatch.setattr(train_cls.ClassificationObjective, "loss_sum", nan_at_step(5))
     res = train_cls.main(argv(tiny_model, sentiment_files, tmp_path / "skip") + ["--skip_nonfinite"])
     assert res["train"]["nonfinite_skipped"] == 1 and res["train"]["global_step"] == 30
     weights = load_file(tmp_path / "skip" / "model.safetensors")
@@ -107,7 +106,7 @@ def test_skip_nonfinite_counts_skipped_steps(tiny_model, sentiment_files, tmp_pa
 
 
 def nan_at_step(bad_step):
-    original = train_cls.ClassificationTask.loss_sum
+    original = train_cls.ClassificationObjective.loss_sum
     calls = {"n": 0}
 
     def loss_sum(self, model, batch):
@@ -125,7 +124,8 @@ def test_one_rank_dying_ends_the_whole_job(tiny_model, sentiment_files, tmp_path
                ACCELERATE_USE_CPU="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
-           os.path.join(ROOT, "tests", "fault_runner.py"), *argv(tiny_model, sentiment_files, out), "--ddp_timeout", "30"]
+           os.path.join(ROOT, "tests", "fault_runner.py"), *argv(tiny_model, sentiment_files, out),
+           "--ddp_timeout", "30"]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert (tmp_path / "died").exists()

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from common import mlm
 from conftest import FAST, FILLER, FIXTURES, SPLIT_WORDS, run_script, write_csv
-
-from common import mlm as M
 
 
 def corpus(path, n_lines: int, seed: int = 0, blank_every: int = 7) -> str:
@@ -57,7 +56,7 @@ def test_word_starts_follow_word_ids(tiny_model):
     tok = tok_of(tiny_model)
     enc = tok(["the unbelievable rewriting , playing"])
     pieces = tok.convert_ids_to_tokens(enc["input_ids"][0])
-    starts = M.word_starts(enc.word_ids(0))
+    starts = mlm.word_starts(enc.word_ids(0))
     assert pieces[:4] == ["[CLS]", "the", "un", "##believ"]
     for piece, s in zip(pieces, starts):
         assert s == (0 if piece.startswith("##") else 1), (piece, s)
@@ -76,7 +75,7 @@ def test_word_starts_for_byte_level_bpe_and_whole_words_masked_together():
                                cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
     enc = tok(["the unbelievably rewritten playbook of stories"])
     pieces = enc.tokens(0)
-    starts = M.word_starts(enc.word_ids(0))
+    starts = mlm.word_starts(enc.word_ids(0))
     assert any(not p.startswith("Ġ") and s == 0 for p, s in zip(pieces, starts)), pieces  # words in pieces
     expected = [1] + [1 if p.startswith("Ġ") else 0 for p in pieces[2:-1]]  # the first word has no 'Ġ'
     assert starts[1:-1] == expected, list(zip(pieces, starts))
@@ -85,7 +84,7 @@ def test_word_starts_for_byte_level_bpe_and_whole_words_masked_together():
     special = torch.isin(ids, torch.tensor(tok.all_special_ids))
     words = torch.tensor([[-1 if w is None else w for w in enc.word_ids(0)]])
     for seed in range(30):
-        _, labels = M.mask_tokens(ids, special, 0.3, tok.mask_token_id, len(tok), ws,
+        _, labels = mlm.mask_tokens(ids, special, 0.3, tok.mask_token_id, len(tok), ws,
                                   torch.Generator().manual_seed(seed))
         sel = labels[0] != -100
         for w in words[0].unique().tolist():
@@ -118,7 +117,7 @@ def test_whole_word_mask_never_splits_a_word_and_keeps_the_rate():
     rates = []
     for seed in range(20):
         gen = torch.Generator().manual_seed(seed)
-        masked, labels = M.mask_tokens(ids, special, 0.15, 4, 100, ws, gen)
+        masked, labels = mlm.mask_tokens(ids, special, 0.15, 4, 100, ws, gen)
         sel = labels != -100
         assert not sel[special].any(), "special/padding tokens were masked"
         # every token of a word has the selection of the word's first token
@@ -134,7 +133,7 @@ def test_whole_word_mask_never_splits_a_word_and_keeps_the_rate():
 def test_token_masking_rate_and_80_10_10():
     ids, _ = _random_words(n_rows=256, seed=1)
     special = torch.isin(ids, torch.tensor([0, 2, 3]))
-    masked, labels = M.mask_tokens(ids, special, 0.15, 4, 100, None, torch.Generator().manual_seed(0))
+    masked, labels = mlm.mask_tokens(ids, special, 0.15, 4, 100, None, torch.Generator().manual_seed(0))
     sel = labels != -100
     rate = sel.sum().item() / (~special).sum().item()
     assert abs(rate - 0.15) < 0.01
@@ -150,10 +149,10 @@ def test_packing_keeps_the_remainder_and_wraps_blocks(tiny_model):
     texts = ["the movie was good", "unbelievable rewriting", "a b c d e f g h i j k l m n o p"]
     enc = tok(texts, add_special_tokens=False)
     ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"],
-                                     "word_start": [M.word_starts(enc.word_ids(i)) for i in range(3)]})
+                                     "word_start": [mlm.word_starts(enc.word_ids(i)) for i in range(3)]})
     n_tokens = sum(map(len, enc["input_ids"])) + 2  # + two separators between three texts
     for max_length in (8, 16, 1000):
-        packed = M.pack(ds, max_length, tok.cls_token_id, tok.sep_token_id, True)
+        packed = mlm.pack(ds, max_length, tok.cls_token_id, tok.sep_token_id, True)
         rows = packed["input_ids"]
         body = [r[1:-1] for r in rows]
         assert sum(map(len, body)) == n_tokens  # nothing dropped
@@ -165,7 +164,7 @@ def test_packing_keeps_the_remainder_and_wraps_blocks(tiny_model):
             assert ws[0] == 1 and ws[1] == 1 and ws[-1] == 1
         stream = [t for b in body for t in b]
         assert stream.count(tok.sep_token_id) == 2
-    tiny = M.pack(ds.select([0]), 128, tok.cls_token_id, tok.sep_token_id, False)
+    tiny = mlm.pack(ds.select([0]), 128, tok.cls_token_id, tok.sep_token_id, False)
     assert len(tiny) == 1 and tiny["length"][0] == len(enc["input_ids"][0]) + 2
 
 
@@ -176,9 +175,9 @@ def test_fixed_eval_masks_are_deterministic(tiny_model):
     enc = tok(["the movie was good and the plot was great"] * 20)
     ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                                      "length": [len(x) for x in enc["input_ids"]]})
-    a, na = M.fixed_eval_masks(ds, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), 0, False)
-    b, nb = M.fixed_eval_masks(ds, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), 0, False)
-    c, _ = M.fixed_eval_masks(ds, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), 1, False)
+    a, na = mlm.fixed_eval_masks(ds, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), 0, False)
+    b, nb = mlm.fixed_eval_masks(ds, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), 0, False)
+    c, _ = mlm.fixed_eval_masks(ds, tok.all_special_ids, 0.15, tok.mask_token_id, len(tok), 1, False)
     assert na == nb > 0 and a["labels"] == b["labels"] and a["input_ids"] == b["input_ids"]
     assert a["labels"] != c["labels"]
 
@@ -192,12 +191,12 @@ def test_masked_positions_decoder_gives_the_full_decoder_loss(tiny_model):
     tok = tok_of(tiny_model)
     enc = tok(["the unbelievable movie was good", "a plot"], padding=True, return_tensors="pt")
     special = torch.isin(enc["input_ids"], torch.tensor(tok.all_special_ids))
-    masked, labels = M.mask_tokens(enc["input_ids"], special, 0.5, tok.mask_token_id, len(tok),
+    masked, labels = mlm.mask_tokens(enc["input_ids"], special, 0.5, tok.mask_token_id, len(tok),
                                    generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": masked, "attention_mask": enc["attention_mask"], "labels": labels}
     args = (tok.all_special_ids, tok.mask_token_id, len(tok), 0.15, False)
-    full = train_mlm.MlmTask(model, *args, full_decoder=True, tied=True)
-    fast = train_mlm.MlmTask(model, *args, full_decoder=False, tied=True)
+    full = train_mlm.MlmObjective(model, *args, full_decoder=True, tied=True)
+    fast = train_mlm.MlmObjective(model, *args, full_decoder=False, tied=True)
     reference = model(**batch).loss * (labels != -100).sum()  # the model's own mean loss, as a sum
     with torch.no_grad():
         assert torch.allclose(full.loss_sum(model, batch), reference, atol=1e-4)
@@ -218,11 +217,11 @@ def test_masked_positions_decoder_gives_the_full_decoder_loss(tiny_model):
 def test_masked_positions_are_bucketed_and_padding_rows_are_ignored():
     labels = torch.full((3, 10), -100)
     labels[0, 2], labels[1, 5], labels[2, 9] = 7, 8, 9
-    index, targets = M.masked_positions(labels, bucket=4)
+    index, targets = mlm.masked_positions(labels, bucket=4)
     assert index.tolist() == [2, 15, 29, 0] and targets.tolist() == [7, 8, 9, -100]
-    assert M.masked_positions(labels, bucket=3)[0].tolist() == [2, 15, 29]  # already a multiple
-    sizes = {len(M.masked_positions(torch.where(torch.rand(32, 128) < 0.15, 1, -100))[0]) for _ in range(50)}
-    assert len(sizes) <= 4 and all(s % M.POSITION_BUCKET == 0 for s in sizes)  # ~130 sizes unbucketed
+    assert mlm.masked_positions(labels, bucket=3)[0].tolist() == [2, 15, 29]  # already a multiple
+    sizes = {len(mlm.masked_positions(torch.where(torch.rand(32, 128) < 0.15, 1, -100))[0]) for _ in range(50)}
+    assert len(sizes) <= 4 and all(s % mlm.POSITION_BUCKET == 0 for s in sizes)  # ~130 sizes unbucketed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,10 +326,10 @@ def test_line_by_line_expected_masked_tokens():
     import train_mlm
 
     ds = datasets.Dataset.from_dict({"input_ids": [[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 4, 2]]})
-    task = train_mlm.MlmTask(None, [0, 1, 2], 3, 10, 0.15, False, True, False, line_by_line=True)
+    task = train_mlm.MlmObjective(None, [0, 1, 2], 3, 10, 0.15, False, True, False, line_by_line=True)
     assert task.total_items(ds) == pytest.approx(0.15 * 6)  # special ids 0/1/2 are never masked
     assert task.total_items(ds.select([2])) == pytest.approx(0.15 * 3)
-    packed = train_mlm.MlmTask(None, [0, 1, 2], 3, 10, 0.15, False, True, False, line_by_line=False)
+    packed = train_mlm.MlmObjective(None, [0, 1, 2], 3, 10, 0.15, False, True, False, line_by_line=False)
     assert packed.total_items(ds) is None  # equal-length blocks: each batch's own count is the mean
 
 

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import minilm_path, FILLER, FIXTURES, SHARED_ASSETS, run_script
-
 import train_ner
-from common import ner as N
+from common import ner
 from common.errors import UserError
 from common.metrics import ner_metrics
+from conftest import FILLER, FIXTURES, SHARED_ASSETS, minilm_path, run_script
 
 # Word -> entity type; 'carol' is only ever a surname (I-PER after alice/bob), 'rewriting' an ORG that
 # the tokenizer splits into re ##writ ##ing. The tags follow from the words alone, so a tiny model learns them.
@@ -90,19 +89,20 @@ EXPECTED_TAGS = [["B-PER", "O", "O", "B-LOC", "O"], ["B-ORG", "O", "O"], ["B-PER
 
 def test_conll_reader_skips_docstart_and_blank_runs_and_reads_any_tag_column():
     path = os.path.join(FIXTURES, "ner_conll.txt")
-    s = N.clean(N.read_conll(path, "--train_file"), None, None, False)
+    s = ner.clean(ner.read_conll(path, "--train_file"), None, None, False)
     assert s.tokens == EXPECTED_WORDS and s.tags == EXPECTED_TAGS  # tab- and space-separated lines alike
     assert s.rows[1] == "sentence 2 (line 11)"
-    chunks = N.clean(N.read_conll(path, "--train_file", tag_column_index=2), None, None, False)
+    chunks = ner.clean(ner.read_conll(path, "--train_file", tag_column_index=2), None, None, False)
     assert chunks.tags[0] == ["B-NP", "B-VP", "B-PP", "B-NP", "O"]
-    with pytest.raises(UserError, match=r"ner_conll.txt., sentence 1 \(line 3\): tag .NNP. is not in IOB/IOBES \(O, B-TYPE"):
-        N.clean(N.read_conll(path, "--train_file", tag_column_index=1), None, None, False)
+    with pytest.raises(UserError,
+                       match=r"ner_conll.txt., sentence 1 \(line 3\): tag .NNP. is not in IOB/IOBES \(O, B-TYPE"):
+        ner.clean(ner.read_conll(path, "--train_file", tag_column_index=1), None, None, False)
 
 
 def test_conll_without_tags_is_an_unlabelled_file(tmp_path):
     path = tmp_path / "test.txt"
     path.write_text("alice\nwent\n\nbob\n")
-    s = N.read_conll(str(path), "--test_file")
+    s = ner.read_conll(str(path), "--test_file")
     assert s.tags is None and s.tokens == [["alice", "went"], ["bob"]]
 
 
@@ -111,15 +111,15 @@ def test_conll_without_tags_is_an_unlabelled_file(tmp_path):
                                                                                "I-ORG", "B-LOC"]}),
                                         ("ner_gmb.csv", {})])
 def test_table_formats_give_the_same_sentences(name, flags):
-    raw = N.read_table_sentences(os.path.join(FIXTURES, name), "--train_file", None, None, True)
-    s = N.clean(raw, flags.get("label_names"), None, False)
+    raw = ner.read_table_sentences(os.path.join(FIXTURES, name), "--train_file", None, None, True)
+    s = ner.clean(raw, flags.get("label_names"), None, False)
     assert s.tokens == EXPECTED_WORDS and s.tags == EXPECTED_TAGS
 
 
 def test_integer_tags_need_a_label_list():
-    raw = N.read_table_sentences(os.path.join(FIXTURES, "ner_int_tags.json"), "--train_file", None, None, True)
+    raw = ner.read_table_sentences(os.path.join(FIXTURES, "ner_int_tags.json"), "--train_file", None, None, True)
     with pytest.raises(UserError, match=r"ner_int_tags.json', row 1: tag 1 is the integer 1.*--label_names"):
-        N.clean(raw, None, None, False)
+        ner.clean(raw, None, None, False)
 
 
 def test_list_literals_are_parsed_without_evaluating_code(tmp_path):
@@ -127,7 +127,7 @@ def test_list_literals_are_parsed_without_evaluating_code(tmp_path):
     path = tmp_path / "evil.csv"
     path.write_text('Sentence,Tag\nalice went,"[__import__(\'os\').system(\'touch %s\'), \'O\']"\n' % marker)
     with pytest.raises(UserError, match=r"evil.csv', row 1: tag column 'Tag' is not a valid list literal"):
-        N.read_table_sentences(str(path), "--train_file", None, None, True)
+        ner.read_table_sentences(str(path), "--train_file", None, None, True)
     assert not marker.exists()
 
 
@@ -136,11 +136,13 @@ def test_real_gmb_sample_and_conll2003_read_cleanly():
     conll = os.path.join(SHARED_ASSETS, "data", "conll2003")
     if not (os.path.isfile(gmb) and os.path.isdir(conll)):
         pytest.skip("needs ../shared/assets")
-    s = N.clean(N.read_table_sentences(gmb, "--train_file", None, None, True), None, None, False)
+    s = ner.clean(ner.read_table_sentences(gmb, "--train_file", None, None, True), None, None, False)
     assert len(s) == 300 and s.skipped == 0
     assert s.tokens[76][23] == "\x85"  # U+0085 is a word there, not a separator (str.split() would drop it)
-    assert {t[2:] for tags in s.tags for t in tags if t != "O"} <= {"geo", "gpe", "per", "org", "tim", "art", "eve", "nat"}
-    sizes = {f: len(N.read_conll(os.path.join(conll, f), "--train_file")) for f in ("train.txt", "valid.txt", "test.txt")}
+    assert ({t[2:] for tags in s.tags for t in tags if t != "O"}
+            <= {"geo", "gpe", "per", "org", "tim", "art", "eve", "nat"})
+    sizes = {f: len(ner.read_conll(os.path.join(conll, f), "--train_file"))
+             for f in ("train.txt", "valid.txt", "test.txt")}
     assert sizes == {"train.txt": 14041, "valid.txt": 3250, "test.txt": 3453}
 
 
@@ -191,28 +193,29 @@ def test_hub_dataset_with_classlabel_names(tiny_model, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def _sents(tokens, tags):
-    return N.Sentences(tokens, tags, [f"row {i + 1}" for i in range(len(tokens))], "--train_file 'x.json'")
+    return ner.Sentences(tokens, tags, [f"row {i + 1}" for i in range(len(tokens))], "--train_file 'x.json'")
 
 
 @pytest.mark.parametrize("tokens,tags,message", [
     ([["a", "b"], ["c"]], [["O", "O"], ["O", "O"]], r"x.json', row 2: 1 tokens but 2 tags"),
     ([["a"], []], [["O"], []], r"x.json', row 2: the sentence is empty"),
-    ([["a"], ["b"]], [["O"], ["PER"]], r"row 2: tag 'PER' is not in IOB/IOBES \(O, B-TYPE, I-TYPE, E-TYPE, S-TYPE\) form"),
+    ([["a"], ["b"]], [["O"], ["PER"]],
+     r"row 2: tag 'PER' is not in IOB/IOBES \(O, B-TYPE, I-TYPE, E-TYPE, S-TYPE\) form"),
     ([["a"], ["b"]], [["O"], [None]], r"row 2: tag 1 is None"),
 ])
 def test_bad_rows_name_file_and_row_or_are_skipped_and_counted(tokens, tags, message):
     with pytest.raises(UserError, match=message + r".*--skip_bad_rows"):
-        N.clean(_sents(tokens, tags), None, None, False)
-    kept = N.clean(_sents(tokens, tags), None, None, True)
+        ner.clean(_sents(tokens, tags), None, None, False)
+    kept = ner.clean(_sents(tokens, tags), None, None, True)
     assert kept.tokens == [tokens[0]] and kept.skipped == 1 and "row 2" in kept.skip_reasons[0]
 
 
 def test_unknown_tags_against_label_names_and_strict_iob2():
     with pytest.raises(UserError, match=r"row 1: tag 'B-LCO' is not one of --label_names \(did you mean 'B-LOC'"):
-        N.clean(_sents([["a"]], [["B-LCO"]]), ["O", "B-LOC"], None, False)
+        ner.clean(_sents([["a"]], [["B-LCO"]]), ["O", "B-LOC"], None, False)
     with pytest.raises(UserError, match=r"tag 'S-LOC' is not in IOB2"):
-        N.clean(_sents([["a"]], [["S-LOC"]]), None, "IOB2", False)
-    assert N.clean(_sents([["a"]], [["S-LOC"]]), None, "IOBES", False).tags == [["S-LOC"]]
+        ner.clean(_sents([["a"]], [["S-LOC"]]), None, "IOB2", False)
+    assert ner.clean(_sents([["a"]], [["S-LOC"]]), None, "IOBES", False).tags == [["S-LOC"]]
 
 
 def test_bad_row_stops_the_script_with_one_clear_line(tiny_model, tmp_path):
@@ -220,7 +223,8 @@ def test_bad_row_stops_the_script_with_one_clear_line(tiny_model, tmp_path):
     proc = run_script("train_ner.py", ["--model", tiny_model, "--train_file", bad, "--output_dir", str(tmp_path / "o"),
                                        "--max_steps", "1"], timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"error: --train_file '{bad}', row 2: 3 tokens but 2 tags; fix the row or pass --skip_bad_rows" in proc.stderr
+    assert (f"error: --train_file '{bad}', row 2: 3 tokens but 2 tags; fix the row or pass --skip_bad_rows"
+            in proc.stderr)
     res = train_ner.main(["--model", tiny_model, "--train_file", bad, "--validation_split", "0.5",
                           "--output_dir", str(tmp_path / "skip"), "--max_steps", "1", "--skip_bad_rows",
                           "--mixed_precision", "no"])
@@ -235,8 +239,8 @@ def test_bad_row_stops_the_script_with_one_clear_line(tiny_model, tmp_path):
 
 def test_label_list_o_first_then_sorted_from_every_split():
     train, dev = [["B-PER", "O", "I-PER"]], [["B-MISC", "O"]]  # B-MISC only in validation
-    assert N.label_list(train + dev) == ["O", "B-MISC", "B-PER", "I-PER"]
-    assert N.label_list(train + dev, label_all_tokens=True) == ["O", "B-MISC", "B-PER", "I-MISC", "I-PER"]
+    assert ner.label_list(train + dev) == ["O", "B-MISC", "B-PER", "I-PER"]
+    assert ner.label_list(train + dev, label_all_tokens=True) == ["O", "B-MISC", "B-PER", "I-MISC", "I-PER"]
 
 
 @pytest.fixture(scope="module")
@@ -249,19 +253,19 @@ def tokenizer(tiny_model):
 def test_alignment_first_piece_by_default_and_inside_tags_with_label_all_tokens(tokenizer):
     labels = ["O", "B-ORG", "B-PER", "I-ORG", "I-PER"]
     idx = {t: i for i, t in enumerate(labels)}
-    inside = {i: idx[N.inside_tag(t)] for i, t in enumerate(labels)}
+    inside = {i: idx[ner.inside_tag(t)] for i, t in enumerate(labels)}
     words = ["alice", "unbelievable", "rewriting", "playing"]
     tags = [[idx["B-PER"], idx["O"], idx["B-ORG"], idx["O"]]]
-    enc = N.encode_sentences(tokenizer, [words], tags, [7], 32, False, inside)
+    enc = ner.encode_sentences(tokenizer, [words], tags, [7], 32, False, inside)
     pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
     assert pieces == ["[CLS]", "alice", "un", "##believ", "##able", "re", "##writ", "##ing", "play", "##ing", "[SEP]"]
-    B_PER, O, B_ORG, I_ORG = idx["B-PER"], idx["O"], idx["B-ORG"], idx["I-ORG"]
-    assert enc["labels"][0] == [-100, B_PER, O, -100, -100, B_ORG, -100, -100, O, -100, -100]
+    B_PER, OUT, B_ORG, I_ORG = idx["B-PER"], idx["O"], idx["B-ORG"], idx["I-ORG"]
+    assert enc["labels"][0] == [-100, B_PER, OUT, -100, -100, B_ORG, -100, -100, OUT, -100, -100]
     assert enc["word_ids"][0] == [-1, 0, 1, -1, -1, 2, -1, -1, 3, -1, -1]  # one scored position per word
     assert enc["row_id"] == [7] and enc["length"] == [11] and enc["dropped_words"] == [0]
-    every = N.encode_sentences(tokenizer, [words], tags, [7], 32, True, inside)
+    every = ner.encode_sentences(tokenizer, [words], tags, [7], 32, True, inside)
     # continuation pieces: I- of the word's type (never B-), O stays O; evaluation still reads first pieces
-    assert every["labels"][0] == [-100, B_PER, O, O, O, B_ORG, I_ORG, I_ORG, O, O, -100]
+    assert every["labels"][0] == [-100, B_PER, OUT, OUT, OUT, B_ORG, I_ORG, I_ORG, OUT, OUT, -100]
     assert every["word_ids"][0] == enc["word_ids"][0]
 
 
@@ -270,20 +274,20 @@ def test_windows_cover_every_word_once_within_the_budget():
     for _ in range(200):
         pieces = rng.integers(0, 5, size=rng.integers(1, 60)).tolist()
         budget = int(rng.integers(4, 30))
-        plan = N.plan_windows(pieces, budget)
+        plan = ner.plan_windows(pieces, budget)
         scored = [w for _, _, a, b in plan for w in range(a, b)]
         assert scored == list(range(len(pieces)))
         for s, e, a, b in plan:
             assert s <= a < b <= e
             assert sum(pieces[s:e]) <= budget or (e - s == 1 and b - a == 1)  # only a lone giant word overflows
-    assert N.plan_windows([1, 1, 1], 3) == [(0, 3, 0, 3)]
-    assert N.plan_windows([1, 9, 1], 4) == [(0, 1, 0, 1), (1, 2, 1, 2), (2, 3, 2, 3)]
+    assert ner.plan_windows([1, 1, 1], 3) == [(0, 3, 0, 3)]
+    assert ner.plan_windows([1, 9, 1], 4) == [(0, 1, 0, 1), (1, 2, 1, 2), (2, 3, 2, 3)]
 
 
 def test_long_sentences_are_windowed_and_every_word_scored(tokenizer):
     words = [("alice" if i % 5 == 0 else "unbelievable") for i in range(30)]  # 1 or 3 pieces, 74 in all
     tags = [[1 if i % 5 == 0 else 0 for i in range(30)]]
-    enc = N.encode_sentences(tokenizer, [words], tags, [0], 16, False, {0: 0, 1: 1})
+    enc = ner.encode_sentences(tokenizer, [words], tags, [0], 16, False, {0: 0, 1: 1})
     assert len(enc["input_ids"]) > 1 and max(enc["length"]) <= 16 and sum(enc["dropped_words"]) == 0
     scored = sorted(w for row in enc["word_ids"] for w in row if w >= 0)
     assert scored == list(range(30))
@@ -291,7 +295,7 @@ def test_long_sentences_are_windowed_and_every_word_scored(tokenizer):
     width = max(enc["length"])
     pad = lambda rows, v: np.array([r + [v] * (width - len(r)) for r in rows])  # noqa: E731
     word_ids, gold = pad(enc["word_ids"], -1), pad(enc["labels"], -100)
-    flat, seen = N.word_predictions(gold, word_ids, np.zeros(len(word_ids), dtype=int), np.array([0, 30]))
+    flat, seen = ner.word_predictions(gold, word_ids, np.zeros(len(word_ids), dtype=int), np.array([0, 30]))
     assert seen.all() and flat.tolist() == tags[0]
 
 
@@ -318,7 +322,8 @@ def test_ner_metrics_match_seqeval_and_strict_mode():
             if kind in ref:
                 assert (row["f1"], row["support"]) == (pytest.approx(ref[kind]["f1-score"]), ref[kind]["support"])
     # an entity that starts with I- counts in conlleval mode, not in strict IOB2
-    lenient, strict = ner_metrics([["I-ORG", "O"]], [["I-ORG", "O"]]), ner_metrics([["I-ORG", "O"]], [["I-ORG", "O"]], "IOB2")
+    lenient, strict = (ner_metrics([["I-ORG", "O"]], [["I-ORG", "O"]]),
+                       ner_metrics([["I-ORG", "O"]], [["I-ORG", "O"]], "IOB2"))
     assert (lenient["num_gold_entities"], strict["num_gold_entities"]) == (1, 0)
     assert ner_metrics([["B-PER", "I-PER", "O"]], [["B-PER", "O", "O"]])["accuracy"] == pytest.approx(2 / 3)
 
@@ -335,7 +340,7 @@ def _uneven_dataset(tokenizer, seed: int):
     sentences = [toy_ner_sentence(rng, n) for n in (1, 9, 2, 14, 3, 3, 12, 5)]
     labels = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]
     ids = [[labels.index(t) for t in tags] for _, tags in sentences]
-    enc = N.encode_sentences(tokenizer, [w for w, _ in sentences], ids, list(range(8)), 64, False,
+    enc = ner.encode_sentences(tokenizer, [w for w, _ in sentences], ids, list(range(8)), 64, False,
                              {i: i for i in range(5)})
     ds = datasets.Dataset.from_dict({k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask", "labels",
                                                          "row_id", "length")})
@@ -346,31 +351,37 @@ def _engine_gradients(tiny_model, dataset, num_labels, tmp_path, batch, accum, g
     """One optimizer step of the real Engine; returns the gradients the optimizer was handed."""
     from transformers import AutoModelForTokenClassification
 
+    from common.build import build_training
     from common.collate import PadCollator
     from common.config import TrainArguments
-    from common.engine import Engine, make_accelerator, reset_accelerate_state
+    from common.loop import Trainer
+    from common.runtime import make_runtime, reset_accelerate_state
 
     reset_accelerate_state()
-    args = TrainArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+    args = TrainArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accum,
                           max_steps=1, learning_rate=1e-3, max_grad_norm=0.0, warmup_ratio=0.0, group_by_length=group,
                           eval_strategy="no", mixed_precision="no", logging_steps=1)
-    acc = make_accelerator(args, str(tmp_path))
+    runtime = make_runtime(args, str(tmp_path))
     torch.manual_seed(0)
     model = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=num_labels, hidden_dropout_prob=0.0,
                                                             attention_probs_dropout_prob=0.0)
-    task = train_ner.NerTask(["O"] * num_labels, [], np.zeros(1, dtype=np.int64), None)
-    engine = Engine(task, model, args, acc, str(tmp_path), dataset, None, PadCollator(0), {})
-    grads, step = [], engine.optimizer.step
+    objective = train_ner.NerObjective(train_ner.NerState(["O"] * num_labels, [], [], np.zeros(1, dtype=np.int64)),
+                                       None)
+    training = build_training(objective, model, args, runtime.accelerator, dataset, None, PadCollator(0))
+    trainer = Trainer(objective, training, args, runtime, str(tmp_path), {})
+    grads, step = [], training.optimizer.step
 
     def recording_step(*a, **kw):
-        grads.append({n: p.grad.detach().cpu().clone() for n, p in engine.model.named_parameters() if p.grad is not None})
+        grads.append({n: p.grad.detach().cpu().clone()
+                      for n, p in trainer.model.named_parameters() if p.grad is not None})
         return step(*a, **kw)
 
-    engine.optimizer.step = recording_step
-    engine.train()
+    training.optimizer.step = recording_step
+    trainer.train()
     reset_accelerate_state()
     assert len(grads) == 1
-    model.items_per_step = engine.items_per_step
+    model.items_per_step = training.items_per_step
     return grads[0], model
 
 
@@ -401,7 +412,8 @@ def test_accumulation_4x2_equals_one_batch_of_8_on_uneven_sentences(tiny_model, 
     for i in range(0, 8, 2):
         part = PadCollator(0)([ds[j] for j in range(i, i + 2)])
         out = ref(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-        (torch.nn.functional.cross_entropy(out.flatten(0, 1), part["labels"].flatten(), ignore_index=-100) / 4).backward()
+        (torch.nn.functional.cross_entropy(out.flatten(0, 1), part["labels"].flatten(),
+                                           ignore_index=-100) / 4).backward()
     assert not torch.allclose(dict(ref.named_parameters())[name].grad, one[name], rtol=1e-3, atol=1e-6)
 
 
@@ -409,13 +421,14 @@ def test_accumulation_4x2_equals_one_batch_of_8_on_uneven_sentences(tiny_model, 
 def test_length_grouped_steps_weigh_every_token_alike(tiny_model, tokenizer, tmp_path):
     """Under --group_by_length a step's sentences share a length; its token losses are divided by the
     epoch's mean labelled tokens per step, not by its own count (which overweights short-sentence steps)."""
-    from common.collate import LengthGroupedSampler, PadCollator
     from transformers import AutoModelForTokenClassification
+
+    from common.collate import LengthGroupedSampler, PadCollator
 
     ds, labels, enc = _uneven_dataset(tokenizer, 7)
     labelled = sum(sum(1 for t in row if t != -100) for row in enc["labels"])
-    assert train_ner.NerTask.total_items(ds) == labelled
-    assert train_ner.NerTask.total_items(ds.select([6, 0, 3])) == sum(  # respects an indices mapping (k-fold)
+    assert train_ner.NerObjective.total_items(ds) == labelled
+    assert train_ner.NerObjective.total_items(ds.select([6, 0, 3])) == sum(  # respects an indices mapping (k-fold)
         sum(1 for t in enc["labels"][i] if t != -100) for i in (6, 0, 3))
     grads, model = _engine_gradients(tiny_model, ds, len(labels), tmp_path / "g", batch=2, accum=1, group=True)
     assert model.items_per_step == pytest.approx(labelled / 4)  # 8 sentences, batch 2: 4 steps per epoch
@@ -490,7 +503,8 @@ def test_freeze_layers_keeps_embeddings_and_lower_layers(tiny_model, ner_files, 
     for name in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight",
                  "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.output.dense.weight"):
         assert torch.equal(before[name], after[name]), name
-    assert not torch.equal(before["bert.encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"])
+    assert not torch.equal(before["bert.encoder.layer.1.output.dense.weight"],
+                           after["bert.encoder.layer.1.output.dense.weight"])
     from transformers import AutoModelForTokenClassification
 
     model = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=3)
@@ -512,7 +526,8 @@ def test_byte_level_bpe_tokenizer_gets_add_prefix_space(tmp_path):
     model_dir = tmp_path / "tiny-roberta"
     tok.save_pretrained(model_dir)
     RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=80, pad_token_id=1)).save_pretrained(model_dir)
+                                     intermediate_size=64, max_position_embeddings=80,
+                                     pad_token_id=1)).save_pretrained(model_dir)
     files = os.path.join(FIXTURES, "ner_tokens.jsonl")
     out = tmp_path / "out"
     train_ner.main(["--model", str(model_dir), "--train_file", files, "--validation_file", files, "--max_length", "60",
@@ -524,7 +539,8 @@ def test_byte_level_bpe_tokenizer_gets_add_prefix_space(tmp_path):
     loaded = AutoTokenizer.from_pretrained(out)
     first = loaded(["alice", "went"], is_split_into_words=True).tokens()[1]
     assert first.startswith("Ġ")  # the first word is encoded like every other word
-    assert isinstance(pipeline("token-classification", model=str(out), aggregation_strategy="simple")("alice went"), list)
+    assert isinstance(pipeline("token-classification", model=str(out), aggregation_strategy="simple")("alice went"),
+                      list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,11 +569,13 @@ def test_two_processes_score_the_same_sentences_and_f1(trained, ner_files, tmp_p
     assert one["data"]["splits"]["validation"]["windowed_sentences"] >= 3  # the 40-word sentences at least
     assert two["eval"]["num_sentences"] == one["eval"]["num_sentences"] == 61
     assert two["eval"]["num_examples"] == one["eval"]["num_examples"]  # windows, each exactly once
-    assert two["eval"]["num_gold_entities"] == one["eval"]["num_gold_entities"] == gold_entities(ner_files["dev_sentences"])
+    assert (two["eval"]["num_gold_entities"] == one["eval"]["num_gold_entities"]
+            == gold_entities(ner_files["dev_sentences"]))
     assert one["eval"]["f1"] > 0.5
     for key in ("f1", "precision", "recall", "accuracy", "loss"):
         assert two["eval"][key] == pytest.approx(one["eval"][key], abs=1e-4), key
-    assert (tmp_path / "two" / "predictions_eval.conll").read_text() == (tmp_path / "one" / "predictions_eval.conll").read_text()
+    assert ((tmp_path / "two" / "predictions_eval.conll").read_text()
+            == (tmp_path / "one" / "predictions_eval.conll").read_text())
 
 
 # ---------------------------------------------------------------------------------------------

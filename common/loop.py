@@ -1,0 +1,458 @@
+"""THE training loop, shared by the three scripts.
+
+`Trainer.train` reads top to bottom: take the micro-batches of one optimizer step (a window),
+forward/backward each with an exact item-normalised loss, step the optimizer, then maybe log,
+evaluate, checkpoint or stop for a preemption signal. Each piece is a named method below it.
+The objects it drives (prepared model, optimizer, schedule, loaders, step counts) come from
+build.py; what a batch's loss is comes from the task's `Objective` (task.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .build import Training
+from .config import TrainArguments
+from .errors import UserError
+from .evaluation import EvalResult, evaluate
+from .log import logger
+from .metrics import greater_is_better
+from .runtime import Runtime, set_sync_gradients
+
+CKPT_DIR = "checkpoints"
+BEST = "best"
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved (its path is the message)."""
+
+
+class StepMeter:
+    """Loss, items, tokens and samples since the last log line. Kept on the device: reading them
+    (a host sync on GPUs) happens only at logging steps."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.items = torch.zeros((), device=device, dtype=torch.float64)
+        self.tokens = torch.zeros((), device=device, dtype=torch.float64)
+        self.padded = 0
+        self.samples = 0
+        self.t_log = time.perf_counter()
+
+    def add_batch(self, batch: dict) -> None:
+        if "attention_mask" in batch:
+            self.tokens += batch["attention_mask"].sum()
+            self.padded += batch["attention_mask"].numel()
+        self.samples += len(batch["input_ids"])
+
+    def add_step(self, loss: torch.Tensor, items: torch.Tensor) -> None:
+        self.loss += loss
+        self.items += items
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent evaluating or checkpointing does not count in the logged speeds."""
+        self.t_log += seconds
+
+    def read(self, accelerator) -> tuple[float, float, int, int, float]:
+        """(mean loss, tokens, padded tokens, samples, seconds) over all processes; then reset."""
+        n = accelerator.num_processes
+        loss = accelerator.reduce(self.loss, reduction="sum") if n > 1 else self.loss
+        tokens = accelerator.reduce(self.tokens, reduction="sum") if n > 1 else self.tokens
+        out = (float(loss / self.items.clamp(min=1)), float(tokens), self.padded * n, self.samples * n,
+               max(time.perf_counter() - self.t_log, 1e-9))
+        self.loss.zero_(), self.items.zero_(), self.tokens.zero_()
+        self.padded = self.samples = 0
+        self.t_log = time.perf_counter()
+        return out
+
+
+class Trainer:
+    def __init__(self, objective, training: Training, args: TrainArguments, runtime: Runtime, output_dir: str,
+                 identity: dict, log_fn: Optional[Callable[[dict], None]] = None):
+        accelerator = runtime.accelerator
+        self.objective, self.training, self.args, self.accelerator = objective, training, args, accelerator
+        self.precision_reason = runtime.precision_reason
+        self.model = training.model
+        self.output_dir = output_dir
+        self.ckpt_root = os.path.join(output_dir, CKPT_DIR)
+        self.identity = identity
+        self.log_fn = log_fn or (lambda record: None)
+        self.metric = args.metric_for_best_model or objective.default_metric
+        self.greater = args.greater_is_better if args.greater_is_better is not None else greater_is_better(self.metric)
+        self.state = ckpt.TrainerState(num_processes=accelerator.num_processes, identity=identity)
+        self.history: list[dict] = []
+        self.last_eval: Optional[tuple[int, EvalResult]] = None  # (step, result) of the latest evaluation
+        self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
+        self.first_step_seconds: Optional[float] = None  # the first optimizer step of this session
+        self._stop_signal: Optional[int] = None
+        self._first_bad = torch.full((), -1, device=accelerator.device, dtype=torch.long)  # step of a NaN/inf loss
+        self._grad_norm = None
+        # The fixed per-step loss denominator of token tasks under length grouping (see build.py).
+        self._fixed_items = (None if training.items_per_step is None else
+                             torch.tensor(training.items_per_step, device=accelerator.device, dtype=torch.float64))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self, resume_from: Optional[str] = None) -> None:
+        args, acc, t = self.args, self.accelerator, self.training
+        if resume_from:
+            self.load_checkpoint(resume_from)
+        state = self.state
+        logger.info("training: %d examples, %d processes, %d micro-batches/epoch/process, accumulation %d, "
+                    "%d optimizer steps (%d epochs), warmup %d, precision %s (%s), device %s",
+                    t.train_examples, acc.num_processes, t.batches_per_epoch, args.gradient_accumulation_steps,
+                    t.total_steps, t.num_epochs, t.warmup_steps, acc.mixed_precision, self.precision_reason, acc.device)
+        meter = StepMeter(acc.device)
+        check_every_step = acc.device.type == "cpu"  # reading the NaN flag is a host sync: free on CPU only
+        t_start = time.perf_counter() - state.train_seconds  # a resumed run keeps counting its time
+        t_first = time.perf_counter()
+        self.model.train()
+        bar_on = acc.is_local_main_process and sys.stderr.isatty()
+        from tqdm.auto import tqdm
+
+        with self._signal_handlers(), tqdm(total=t.total_steps, initial=state.global_step, desc="train",
+                                           dynamic_ncols=True, disable=not bar_on) as bar:
+            for window, end_of_epoch in self._windows():
+                window = self._prepare_window(window)
+                items, loss = self._forward_backward(window, meter)
+                if self._optimizer_step(loss):  # False: a non-finite step skipped (--skip_nonfinite)
+                    meter.add_step(loss, items)
+                    state.samples_seen += sum(len(b["input_ids"]) for b in window) * acc.num_processes
+                state.global_step += 1
+                state.batches_in_epoch += len(window) * acc.num_processes
+                bar.update(1)
+                step = state.global_step
+                at_log = step % t.logging_steps == 0 or step == t.total_steps
+                if check_every_step or at_log:
+                    self._check_finite()
+                if at_log:
+                    bar.set_postfix(loss=f"{self._log_step(meter):.4f}")
+                if end_of_epoch:
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                stop = step >= t.total_steps
+                state.train_seconds = time.perf_counter() - t_start
+                if self.first_step_seconds is None:  # with --torch_compile: mostly compilation
+                    self.first_step_seconds = time.perf_counter() - t_first
+                t_side = time.perf_counter()
+                stop = self._maybe_evaluate(step, end_of_epoch) or stop
+                self._maybe_checkpoint(step, end_of_epoch)
+                meter.exclude(time.perf_counter() - t_side)
+                # Every rank must agree to stop: a collective, so only where the NaN check syncs anyway.
+                if (check_every_step or at_log) and self._stop_requested():
+                    self._check_finite()
+                    raise Preempted(self.save_checkpoint("preempted"))
+                if stop:
+                    break
+        self._check_finite()
+        state.train_seconds = time.perf_counter() - t_start
+
+    def _windows(self):
+        """Yield (micro-batches of one optimizer step, whether they end the epoch) until the last step.
+
+        The sampler's order depends on (seed, epoch) only, so a resumed run skips the batches its epoch
+        had consumed (counted over all processes) and sees exactly what the uninterrupted run saw."""
+        state, t, acc = self.state, self.training, self.accelerator
+        while state.epoch < t.num_epochs and state.global_step < t.total_steps:
+            epoch = state.epoch
+            t.train_dl.set_epoch(epoch)
+            skip = state.batches_in_epoch // acc.num_processes
+            loader = acc.skip_first_batches(t.train_dl, skip) if skip else t.train_dl
+            if skip:
+                loader.set_epoch(epoch)
+            left, batches = t.batches_per_epoch - skip, iter(loader)
+            while left > 0:
+                n = min(self.args.gradient_accumulation_steps, left)  # the epoch's last window may be short
+                left -= n
+                yield [next(batches) for _ in range(n)], left == 0
+            if state.epoch == epoch:  # the consumer did not finish the epoch (cannot happen; never loop)
+                return
+
+    def _prepare_window(self, window: list) -> list:
+        """Task batch preparation (MLM masking) on the device, seeded by the step: resumable draws."""
+        for i in range(len(window)):
+            torch.manual_seed(self._micro_seed(i, stream=1))
+            window[i] = self.objective.prepare_batch(window[i])
+        return window
+
+    def _forward_backward(self, window: list, meter: StepMeter) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the gradients of one window; returns (items over all processes, summed loss here)."""
+        acc = self.accelerator
+        items = sum(self.objective.count_items(b) for b in window).to(torch.float64)
+        if acc.num_processes > 1:
+            items = acc.reduce(items, reduction="sum")
+        # backward() divides by the accumulation steps and DDP averages over processes: undo both and
+        # divide by the items of the whole window on all processes, so every item weighs the same.
+        denominator = items.clamp(min=1) if self._fixed_items is None else self._fixed_items
+        scale = (acc.gradient_accumulation_steps * acc.num_processes) / denominator
+        window_loss = torch.zeros((), device=acc.device, dtype=torch.float64)
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1  # all-reduce gradients on the window's last backward only
+            set_sync_gradients(acc, sync)
+            torch.manual_seed(self._micro_seed(i))  # dropout drawn from (seed, step, micro-batch, rank)
+            with (contextlib.nullcontext() if sync else acc.no_sync(self.model)):
+                loss = self.objective.loss_sum(self.model, batch)
+                acc.backward(loss * scale.to(loss.dtype))
+            window_loss += loss.detach().to(torch.float64)
+            meter.add_batch(batch)
+        return items, window_loss
+
+    def _optimizer_step(self, window_loss: torch.Tensor) -> bool:
+        """Clip, step, schedule. With --skip_nonfinite a NaN/inf window is dropped (a host sync per
+        step); otherwise the first bad step is remembered on the device and reported at the next check."""
+        acc, state = self.accelerator, self.state
+        finite = torch.isfinite(window_loss)
+        if self.args.skip_nonfinite:
+            if acc.num_processes > 1:
+                finite = acc.reduce(finite.float(), reduction="sum") >= acc.num_processes
+            if not bool(finite):
+                self.training.optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_skipped += 1
+                logger.warning("non-finite loss at step %d: step skipped (%d so far)", state.global_step + 1,
+                               state.nonfinite_skipped)
+                return False
+        else:
+            self._first_bad = torch.where((self._first_bad < 0) & ~finite,
+                                          torch.full_like(self._first_bad, state.global_step + 1), self._first_bad)
+        if self.args.max_grad_norm > 0:
+            self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.training.optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # fp16 loss scaler skipped the step: the schedule waits too
+            self.training.scheduler.step()
+        self.training.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _log_step(self, meter: StepMeter) -> float:
+        loss, tokens, padded, samples, seconds = meter.read(self.accelerator)
+        self.state.tokens_seen += int(tokens)
+        self.state.padded_tokens_seen += padded
+        self.record({"loss": loss, "learning_rate": float(self.training.scheduler.get_last_lr()[0]),
+                     "grad_norm": float(self._grad_norm) if self._grad_norm is not None else None,
+                     "samples_per_second": samples / seconds, "tokens_per_second": tokens / seconds,
+                     "padded_tokens_per_second": padded / seconds})
+        return loss
+
+    def _maybe_evaluate(self, step: int, end_of_epoch: bool) -> bool:
+        """Evaluate when the strategy says so; True if early stopping says stop."""
+        a = self.args
+        due = (a.eval_strategy == "steps" and step % a.eval_steps == 0) or (a.eval_strategy == "epoch" and end_of_epoch)
+        if self.training.eval_dl is None or not due:
+            return False
+        started = time.perf_counter()
+        self._check_finite()
+        stop = self._evaluate_and_track()
+        self.state.eval_seconds += time.perf_counter() - started
+        return stop
+
+    def _maybe_checkpoint(self, step: int, end_of_epoch: bool) -> None:
+        every = self.args.checkpointing_steps
+        if not every or not ((every == "epoch" and end_of_epoch) or (every != "epoch" and step % int(every) == 0)):
+            return
+        started = time.perf_counter()
+        self._check_finite()
+        self.save_checkpoint()
+        self.state.checkpoint_seconds += time.perf_counter() - started
+
+    def _micro_seed(self, i: int, stream: int = 0) -> int:
+        """The RNG seed of micro-batch i of the coming optimizer step on this process: dropout and
+        masking depend on the step alone, so a resumed run draws what the uninterrupted one drew."""
+        micro = self.state.global_step * self.args.gradient_accumulation_steps + i
+        base = (self.args.seed * 1_000_003 + micro) * 4099 + self.accelerator.process_index
+        return base if stream == 0 else (base * 7919 + stream) % 2**63
+
+    def _check_finite(self) -> None:
+        """Collective: raise if any process saw a non-finite loss (its first bad step, or -1)."""
+        seen = self._first_bad.reshape(1)
+        if self.accelerator.num_processes > 1:
+            seen = self.accelerator.gather(seen)
+        seen = seen[seen > 0]
+        bad = int(seen.min()) if len(seen) else -1
+        if bad > 0:
+            raise UserError(f"the training loss became NaN/inf at optimizer step {bad}; lower --learning_rate, "
+                            "keep --max_grad_norm > 0, check the data, or pass --skip_nonfinite to skip such steps. "
+                            "No weights were saved from that point.")
+
+    # -- preemption -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        """SIGTERM/SIGINT: save a checkpoint at the next step boundary and exit (a second one: now)."""
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            logger.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
+                           signal.Signals(signum).name)
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some notebook setups)
+                pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(1.0 if self._stop_signal is not None else 0.0, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, kind: str = "periodic") -> str:
+        self.state.kind = kind
+        self.state.num_processes = self.accelerator.num_processes
+        self.state.scheduler = {k: v for k, v in self.training.scheduler.state_dict().items() if k != "lr_lambdas"}
+        name = BEST if kind == "best" else f"step_{self.state.global_step}"
+        path = ckpt.save_checkpoint(self.accelerator, self.ckpt_root, name, self.state)
+        if kind != "best" and self.accelerator.is_main_process:
+            ckpt.rotate(self.ckpt_root, self.args.save_total_limit)
+        self.state.kind = "periodic"
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        saved = ckpt.TrainerState.from_file(os.path.join(path, ckpt.STATE_FILE))
+        for key, value in self.identity.items():
+            if key in saved.identity and saved.identity[key] != value:
+                raise UserError(f"--resume_from_checkpoint '{path}' belongs to a different run ({key} is "
+                                f"{saved.identity[key]!r} there, {value!r} now); resume with the same settings "
+                                "or start a new output_dir.")
+        try:
+            self.accelerator.load_state(path)
+        except Exception as err:
+            raise UserError(f"--resume_from_checkpoint '{path}' could not be loaded into this model "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
+        if saved.num_processes != self.accelerator.num_processes and saved.batches_in_epoch:
+            logger.warning("resuming a %d-process checkpoint on %d processes: the sample order continues, "
+                           "the schedule is recomputed for the new global batch", saved.num_processes,
+                           self.accelerator.num_processes)
+        if saved.scheduler:
+            groups = len(self.training.optimizer.param_groups)
+            self.training.scheduler.load_state_dict(dict(saved.scheduler, lr_lambdas=[None] * groups))
+        saved.kind = "periodic"
+        self.state = saved
+        logger.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, saved.global_step,
+                    saved.epoch, saved.batches_in_epoch)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, dataloader=None) -> EvalResult:
+        """Collective: evaluate the model on a prepared loader (default: the validation loader)."""
+        loader = dataloader if dataloader is not None else self.training.eval_dl
+        return evaluate(self.model, self.objective, loader, self.accelerator)
+
+    def evaluate_initial(self) -> None:
+        """Evaluate the weights before any training step (logged at step 0, kept in the trainer state)."""
+        result = self.evaluate()
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        self.state.initial_eval = metrics
+        self.record({"eval_" + k: v for k, v in metrics.items()} | {"initial": True})
+
+    def _is_better(self, value: float) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        best = self.state.best_metric
+        if best is None:
+            return True
+        margin = self.args.early_stopping_threshold
+        return value > best + margin if self.greater else value < best - margin
+
+    def _evaluate_and_track(self) -> bool:
+        """Evaluate, log, keep the best weights; True if early stopping says stop."""
+        result = self.evaluate()
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        if self.metric not in metrics:
+            raise UserError(f"--metric_for_best_model '{self.metric}' is not a metric of this task; "
+                            f"choose one of {', '.join(sorted(metrics))}.")
+        value = metrics[self.metric]
+        improved = self._is_better(value)
+        self.last_eval = (self.state.global_step, result)
+        if improved:
+            self.best_eval = (self.state.global_step, result)
+            self.state.best_metric, self.state.best_step = float(value), self.state.global_step
+            self.state.evals_without_improvement = 0
+            if self.args.load_best_model_at_end:
+                self.save_checkpoint("best")
+        else:
+            self.state.evals_without_improvement += 1
+        self.record({"eval_" + k: v for k, v in metrics.items()}
+                    | {"eval_num_examples": result.num_examples, "is_best": improved})
+        patience = self.args.early_stopping_patience
+        if patience and self.state.evals_without_improvement >= patience:
+            logger.info("early stopping at step %d: %s did not improve for %d evaluations (best %.4f at step %s)",
+                        self.state.global_step, self.metric, patience, self.state.best_metric or float("nan"),
+                        self.state.best_step)
+            return True
+        return False
+
+    # -- logging --------------------------------------------------------------------------------
+    def record(self, values: dict) -> None:
+        record = {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4)} | values
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            self.log_fn(record)
+            nums = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(nums, step=self.state.global_step)
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                             if not isinstance(v, (list, dict)))
+            logger.info(shown)
+
+    def _epoch_float(self) -> float:
+        per_epoch = max(1, self.training.batches_per_epoch * self.accelerator.num_processes)
+        return self.state.epoch + self.state.batches_in_epoch / per_epoch
+
+    # -- the end --------------------------------------------------------------------------------
+    def result_for_final_weights(self, restored: bool) -> Optional[EvalResult]:
+        """The evaluation already made of the weights that will be saved, if any (no need to repeat it)."""
+        if restored:
+            if self.best_eval is not None and self.best_eval[0] == self.state.best_step:
+                return self.best_eval[1]
+            return None
+        if self.last_eval is not None and self.last_eval[0] == self.state.global_step:
+            return self.last_eval[1]
+        return None
+
+    def restore_best(self) -> bool:
+        """Load the best evaluated weights into the model (collective). True if there were any."""
+        best = os.path.join(self.ckpt_root, BEST)
+        if not (self.args.load_best_model_at_end and ckpt.is_complete(best)):
+            return False
+        best_state = ckpt.TrainerState.from_file(os.path.join(best, ckpt.STATE_FILE))
+        current = self.state
+        self.accelerator.load_state(best)
+        self.state = current  # keep the counters of the finished run
+        logger.info("loaded the best weights (step %s, %s=%.4f)", best_state.best_step, self.metric,
+                    best_state.best_metric)
+        return True
+
+    def save_model(self, tokenizer, output_dir: Optional[str] = None) -> None:
+        """save_pretrained of full weights on the main process (gathered under FSDP/ZeRO-3; collective)."""
+        output_dir = output_dir or self.output_dir
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model)
+        unwrapped = acc.unwrap_model(self.model)
+        if self.training.fast_dropout:  # the saved config keeps the model's own attention setting
+            from . import dropout
+
+            dropout.uninstall(unwrapped, self.training.fast_dropout)
+        if acc.is_main_process:
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict, save_function=acc.save,
+                                      safe_serialization=True)
+            tokenizer.save_pretrained(output_dir)
+        acc.wait_for_everyone()
+
+    def cleanup_best(self) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(os.path.join(self.ckpt_root, BEST), ignore_errors=True)
+            if os.path.isdir(self.ckpt_root) and not os.listdir(self.ckpt_root):
+                os.rmdir(self.ckpt_root)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,103 @@
+"""Loading the tokenizer, config and pretrained weights, with one clear error each."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import UserError
+from .log import logger
+from .task import BuiltModel
+
+
+def load_tokenizer(model_args, **kwargs):
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name or model_args.model
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=model_args.revision, cache_dir=model_args.cache_dir,
+                                            trust_remote_code=model_args.trust_remote_code, **kwargs)
+    except Exception as err:
+        raise UserError(_load_message(name, err, "tokenizer")) from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"the tokenizer of '{name}' has no fast (Rust) version; these scripts need one "
+                        "(pass --tokenizer_name of a model that has tokenizer.json).")
+    return tok
+
+
+def _load_message(name: str, err: Exception, what: str) -> str:
+    first = " ".join(str(err).split())[:250]
+    if os.path.isdir(name):
+        return f"--model '{name}' could not be loaded as a {what}: {first}."
+    if os.path.sep in name and not os.path.exists(name) and name.count("/") != 1:
+        return f"--model '{name}' does not exist (no such folder, and it is not a Hub id)."
+    return (f"--model '{name}' could not be loaded ({what}): it is not a local folder, and the Hub id could not be "
+            f"fetched ({first}). Check the path, or the network and the model id.")
+
+
+def load_config(model_args):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_args.model, revision=model_args.revision,
+                                          cache_dir=model_args.cache_dir,
+                                          trust_remote_code=model_args.trust_remote_code)
+    except Exception as err:
+        raise UserError(_load_message(model_args.model, err, "config")) from None
+
+
+def load_pretrained(auto_class, model_args, **kwargs) -> BuiltModel:
+    """from_pretrained with a clear error; returns the model with its newly initialised and unused keys."""
+    name = model_args.model
+    attn = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    try:
+        model, info = auto_class.from_pretrained(
+            name, revision=model_args.revision, cache_dir=model_args.cache_dir,
+            trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
+            # fp32 master weights whatever dtype the checkpoint was stored in (transformers 5 keeps the
+            # stored dtype by default, and AdamW on fp16 weights diverges); autocast does mixed precision.
+            dtype=torch.float32, **attn, **kwargs)
+    except Exception as err:
+        raise UserError(_load_message(name, err, "model")) from None
+    new = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0]
+                                                     for k in info.get("mismatched_keys", [])})
+    if new:
+        logger.info("newly initialised weights (trained from scratch here): %s", ", ".join(new))
+    return BuiltModel(model, new, sorted(info.get("unexpected_keys", [])))
+
+
+def check_max_length(max_length: int, model_config, flag: str = "--max_length") -> None:
+    if max_length <= 2:
+        raise UserError(f"{flag} must be greater than 2 (room for [CLS], [SEP] and a token), got {max_length}.")
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and max_length > limit:
+        raise UserError(f"{flag} {max_length} is above the model's limit of {limit} positions; "
+                        f"use {flag} {limit} or less.")
+
+
+def byte_level(tokenizer) -> bool:
+    """RoBERTa/GPT-2 style byte-level BPE: pre-split words need add_prefix_space=True."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and '"ByteLevel"' in backend.to_str()
+
+
+def freeze(model, embeddings: bool, layers: int) -> list[str]:
+    """Stop training the embeddings (and the first `layers` encoder layers); returns frozen module names."""
+    base = model.base_model
+    frozen = []
+    if embeddings or layers:
+        emb = getattr(base, "embeddings", None) or model.get_input_embeddings()
+        emb.requires_grad_(False)
+        frozen.append("embeddings")
+    if layers:
+        stacks = [(name, m) for name, m in base.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] in ("layer", "layers")]
+        if not stacks:
+            raise UserError(f"--freeze_layers: cannot find the encoder layers of {type(base).__name__}.")
+        name, stack = stacks[0]
+        if layers > len(stack):
+            raise UserError(f"--freeze_layers {layers} is more than the model's {len(stack)} layers.")
+        for i in range(layers):
+            stack[i].requires_grad_(False)
+            frozen.append(f"{name}.{i}")
+    return frozen

@@ -1,0 +1,223 @@
+"""One run, in the order things happen: tokenizer and config -> data -> model -> objective and
+collator (`prepare_run`, also used by bench/run.py) -> output folder -> training objects -> train
+-> best weights -> final evaluation of every evaluation split -> saved model -> results.json.
+
+A multi-run job (repeats.py) calls `run_single` once per planned run, each in its own folder.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint as ckpt
+from . import plots, reporting
+from .build import build_training, eval_loader
+from .collate import PadCollator, length_sorted, pad_multiple
+from .config import to_jsonable
+from .errors import EXIT_PREEMPTED, UserError
+from .log import logger
+from .loop import CKPT_DIR, Preempted, Trainer
+from .models import check_max_length, load_config, load_tokenizer
+from .runtime import peak_rss_mb, setup_info
+from .task import BuiltModel, Context, Objective, PreparedData, Task
+
+
+@dataclass
+class RunInputs:
+    data: PreparedData
+    built: BuiltModel
+    objective: Objective
+    collator: PadCollator
+    pad_multiple: int | None
+
+
+def prepare_run(task: Task, ctx: Context) -> RunInputs:
+    """Tokenizer, config, data, model, objective and collator of a run (no file written yet)."""
+    from accelerate.utils import set_seed
+
+    args = ctx.args
+    set_seed(args.seed)
+    t0 = time.perf_counter()
+    ctx.tokenizer = load_tokenizer(ctx.model_args, **task.tokenizer_kwargs(ctx.model_args))
+    ctx.model_config = load_config(ctx.model_args)
+    check_max_length(ctx.data_args.max_length, ctx.model_config)
+    t_data = time.perf_counter()
+    data = task.load_data(ctx)
+    ctx.timings["load_and_tokenize_seconds"] = time.perf_counter() - t_data
+    if data.eval is None and args.eval_steps is not None:
+        raise UserError("--eval_steps was given but there is no evaluation data; pass --validation_file or "
+                        "--validation_split > 0.")
+    if args.max_eval_samples:
+        cap = args.max_eval_samples
+        data.eval = data.eval.select(range(min(cap, len(data.eval)))) if data.eval is not None else None
+        data.test = data.test.select(range(min(cap, len(data.test)))) if data.test is not None else None
+    set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
+    built = task.build_model(ctx, data)
+    ctx.timings["tokenizer_and_model_seconds"] = time.perf_counter() - t0 - ctx.timings["load_and_tokenize_seconds"]
+    multiple = pad_multiple(args, ctx.accelerator)
+    static = ctx.accelerator.distributed_type == "XLA" or args.pad_to_max_length
+    base = PadCollator(ctx.tokenizer.pad_token_id, multiple, ctx.data_args.max_length if static else None)
+    objective = task.objective(ctx, data, built)
+    return RunInputs(data, built, objective, task.collator(ctx, data, base), multiple)
+
+
+def run_single(task: Task, ctx: Context) -> dict:
+    """Train one model into ctx.args.output_dir; returns its results (also in results.json)."""
+    args, accelerator = ctx.args, ctx.accelerator
+    t0 = time.perf_counter()
+    inputs = prepare_run(task, ctx)
+    data = inputs.data
+
+    # Output folder: created (or cleared) only now that data and model loaded without error.
+    resume = ckpt.resolve_resume(args.resume_from_checkpoint, os.path.join(args.output_dir, CKPT_DIR))
+    if args.resume_from_checkpoint == "latest" and resume is None:
+        logger.info("no complete checkpoint in %s: starting from scratch", os.path.join(args.output_dir, CKPT_DIR))
+    reporting.start_output_dir(args.output_dir, args.overwrite_output_dir, resume is not None,
+                               accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    settings = to_jsonable(ctx.model_args, ctx.data_args, args)
+    if accelerator.is_main_process:
+        reporting.save_resolved_config(args.output_dir, settings)
+    keep_until = (None if resume is None  # log lines after the resumed step are written again
+                  else ckpt.TrainerState.from_file(os.path.join(resume, ckpt.STATE_FILE)).global_step)
+    log_writer = reporting.LogWriter(args.output_dir, keep_until) if accelerator.is_main_process else None
+    if accelerator.trackers == [] and accelerator.log_with:
+        accelerator.init_trackers(task.name, config={k: v for k, v in settings.items()
+                                                     if isinstance(v, (int, float, str, bool))})
+
+    eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
+    identity = {"model": ctx.model_args.model, "task": task.name, **data.identity}
+    if ctx.split is not None:
+        identity["split"] = [ctx.split.seed, ctx.split.kfold, ctx.split.fold]
+    training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
+                              inputs.collator)
+    trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity, log_fn=log_writer)
+    if task.eval_before_training and training.eval_dl is not None and resume is None:
+        t_initial = time.perf_counter()
+        trainer.evaluate_initial()
+        ctx.timings["initial_eval_seconds"] = time.perf_counter() - t_initial
+    try:
+        trainer.train(resume)
+    except Preempted as stop:
+        logger.warning("preempted: checkpoint saved to %s; rerun with --resume_from_checkpoint latest", stop)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    restored = trainer.restore_best()
+
+    t_eval = time.perf_counter()
+    results = final_evaluation(task, ctx, data, trainer, restored, reuse_eval=eval_sorted is not None)
+    eval_seconds = time.perf_counter() - t_eval
+    trainer.save_model(ctx.tokenizer)
+    saved_extra = task.after_save(ctx, data, inputs.built, args.output_dir) if accelerator.is_main_process else {}
+    accelerator.wait_for_everyone()
+    results.update(run_results(ctx, data, inputs, trainer, restored, t0, eval_seconds))
+    results.update(task.extra_results(ctx, data, inputs.built, results, trainer))
+    for key, value in saved_extra.items():  # sections are merged: after_save adds to what extra_results gave
+        results[key] = {**results.get(key, {}), **value} if isinstance(value, dict) else value
+    if accelerator.is_main_process:
+        write_outputs(task, ctx, data, results, trainer.metric)
+    trainer.cleanup_best()
+    summary = " ".join(f"{split}_{k}={v:.4f}" for split in ("eval", "test") for k, v in results.get(split, {}).items()
+                       if isinstance(v, float))
+    logger.info("done in %.1f s (train %.1f s): %s", results["timing"]["total_seconds"], trainer.state.train_seconds,
+                summary)
+    return results
+
+
+def final_evaluation(task: Task, ctx: Context, data: PreparedData, trainer: Trainer, restored: bool,
+                     reuse_eval: bool) -> dict:
+    """Metrics of the weights that get saved on every evaluation split (reusing an evaluation already
+    made of exactly these weights); predictions files written on the main process."""
+    results: dict = {}
+    for split, dataset in (("eval", data.eval), ("test", data.test)):
+        if dataset is None:
+            continue
+        outcome = trainer.result_for_final_weights(restored) if split == "eval" and reuse_eval else None
+        if outcome is None:
+            loader = eval_loader(length_sorted(dataset), trainer.training.eval_batch_size, trainer.training.collator,
+                                 ctx.args)
+            outcome = trainer.evaluate(ctx.accelerator.prepare(loader))
+        results[split] = outcome.metrics | {"num_examples": outcome.num_examples}
+        if ctx.accelerator.is_main_process:
+            task.write_predictions(ctx, data, split, outcome.outputs)
+    return results
+
+
+def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Trainer, restored: bool,
+                t0: float, eval_seconds: float) -> dict:
+    """results.json's train, timing, setup, data and model sections."""
+    args, st, t = ctx.args, trainer.state, trainer.training
+    # Speeds are over the time spent training: evaluations and checkpoints inside the loop excluded.
+    t_steps = st.train_seconds - st.eval_seconds - st.checkpoint_seconds
+
+    def per_second(n):
+        return n / t_steps if t_steps > 0 else None
+
+    train = {
+        "global_step": st.global_step, "total_steps": t.total_steps, "epochs": t.num_epochs,
+        "train_runtime": st.train_seconds, "train_samples": len(data.train),
+        "train_samples_per_second": per_second(st.samples_seen),
+        "train_tokens_per_second": per_second(st.tokens_seen),
+        "train_padded_tokens_per_second": per_second(st.padded_tokens_seen),
+        "padding_fraction": 1 - st.tokens_seen / st.padded_tokens_seen if st.padded_tokens_seen else None,
+        "train_tokens": st.tokens_seen, "train_padded_tokens": st.padded_tokens_seen,
+        "train_samples_seen": st.samples_seen,
+        "best_step": st.best_step, "best_metric": st.best_metric, "metric_for_best_model": trainer.metric,
+        "restored_best": restored,
+        "nonfinite_skipped": st.nonfinite_skipped,
+        "final_train_loss": next((r["loss"] for r in reversed(trainer.history) if "loss" in r), None),
+    }
+    timing = {**ctx.timings, "train_seconds": st.train_seconds, "train_steps_seconds": t_steps,
+              "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
+              "first_step_seconds": trainer.first_step_seconds, "final_eval_seconds": eval_seconds,
+              "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    if args.torch_compile:  # graphs compiled by dynamo: a handful, not one per batch shape
+        from torch._dynamo.utils import counters
+
+        timing["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+    if ctx.accelerator.device.type == "cuda":
+        timing["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(ctx.accelerator.device) / 2**20
+    model = inputs.built.model
+    setup = setup_info(ctx.runtime) | {
+        "optimizer": t.optimizer_implementation, "torch_compile": args.torch_compile,
+        "fast_dropout": bool(t.fast_dropout), "eval_batch_size": t.eval_batch_size,
+        "pad_to_multiple_of": inputs.pad_multiple,
+        "loss_items_per_step": t.items_per_step,  # set: the fixed per-step denominator (token tasks, grouped)
+        "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+    out = {"train": train, "timing": timing, "setup": setup, "data": data.info,
+           "model": {"base_model": ctx.model_args.model, "newly_initialised": inputs.built.new_weights}}
+    if st.initial_eval:
+        out["eval_before_training"] = st.initial_eval
+    return out
+
+
+def write_outputs(task: Task, ctx: Context, data: PreparedData, results: dict, metric: str) -> None:
+    """Model card, plots and results.json (last: its presence marks the run as finished). Main process."""
+    output_dir = ctx.args.output_dir
+    card = task.model_card(ctx, data)
+    reporting.write_model_card(output_dir, task=task.name, base_model=ctx.model_args.model,
+                               data=data.info.get("source", "local files"), results=results,
+                               labels=card.get("labels"), pipeline_task=task.pipeline_task, example=card["example"])
+    draw_run_plots(output_dir, metric, results, ctx.run_name)
+    reporting.write_json(os.path.join(output_dir, reporting.RESULTS), results)
+
+
+def draw_run_plots(output_dir: str, metric: str, results: dict, name: str = "") -> None:
+    """learning_curve.png from log_history.jsonl, and confusion_matrix.png when there is one."""
+    import json
+
+    path = os.path.join(output_dir, reporting.LOG_HISTORY)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            history = [json.loads(line) for line in fh if line.strip()]
+        plots.safely(plots.learning_curve, history, metric, os.path.join(output_dir, "learning_curve.png"),
+                     f"Learning curve{f' ({name})' if name else ''}")
+    labels = (results.get("data") or {}).get("labels")
+    split = "test" if (results.get("test") or {}).get("confusion_matrix") else "eval"
+    cm = (results.get(split) or {}).get("confusion_matrix")
+    if labels and cm:
+        where = "held-out fold" if split == "test" and "fold" in name else f"{split} set"
+        plots.safely(plots.confusion_matrix, cm, labels, os.path.join(output_dir, "confusion_matrix.png"),
+                     f"Confusion matrix, {where}{f' ({name})' if name else ''}")

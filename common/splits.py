@@ -1,0 +1,53 @@
+"""Which rows of the training file go where: derived validation/test splits (seeded, stratified
+when labels are given) and k-fold selections. Classification and NER use the same plan, so a
+seed or a fold selects rows of one tokenized training file and nothing is tokenized twice."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .data import split_indices
+from .errors import UserError
+from .stats import kfold_indices
+
+EVAL_FILE_FLAGS = {"validation": "--validation_file", "test": "--test_file"}
+
+
+def plan_rows(n: int, split, seed: int, given: set, validation_split: float, test_split: float = 0.0,
+              max_train_samples: Optional[int] = None, labels: Optional[np.ndarray] = None,
+              what: str = "training rows") -> dict:
+    """Row indices of the training file for "train" and each derived split.
+
+    Single runs and seeds: --test_split then --validation_split, both fractions of the training file,
+    for the splits not `given` as files. K-fold (`split.kfold`): the held-out fold is the test split;
+    --validation_split of the other folds is the inner validation split that picks the best model;
+    the held-out fold never does. `split` is a plan.SplitPlan or None (a single run)."""
+    rows = np.arange(n)
+    out = {}
+    if split is not None and split.kfold:
+        for name, flag in EVAL_FILE_FLAGS.items():
+            if name in given:
+                raise UserError(f"--kfold holds out folds of --train_file as test sets and draws validation from the "
+                                f"other folds; drop {flag} (or run without --kfold).")
+        if split.kfold > n:
+            raise UserError(f"--kfold {split.kfold} is more folds than the {n} {what}.")
+        rows, out["test"] = kfold_indices(n, split.kfold, split.fold, seed, labels)
+        if validation_split > 0:
+            keep, take = split_indices(len(rows), validation_split, seed + 1, None if labels is None else labels[rows])
+            out["validation"], rows = rows[take], rows[keep]
+    else:
+        if "test" not in given and test_split > 0:
+            keep, take = split_indices(n, test_split, seed, labels)
+            out["test"], rows = take, keep
+        if "validation" not in given and validation_split > 0:
+            fraction = validation_split / (1 - (test_split if "test" in out else 0))
+            if fraction >= 1:
+                raise UserError(f"--validation_split {validation_split} and --test_split {test_split} leave no "
+                                "training data; their sum must be below 1.")
+            keep, take = split_indices(len(rows), fraction, seed + 1, None if labels is None else labels[rows])
+            out["validation"], rows = rows[take], rows[keep]
+    if max_train_samples:
+        rows = rows[:max_train_samples]
+    out["train"] = rows
+    return {k: np.asarray(v) for k, v in out.items()}

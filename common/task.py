@@ -1,0 +1,150 @@
+"""The task interface: what a script provides, and what the engine calls when.
+
+A script implements two small classes; everything else (processes, precision, data loading
+order, the loop, evaluation, checkpoints, outputs, repeated runs) is shared.
+
+`Task` -- the script's side of one run. Stateless: what it learns from the data travels in the
+`PreparedData` it returns (`state`), and what it learns from the model in `BuiltModel.state`.
+
+| hook | default | when | ranks |
+|---|---|---|---|
+| `name`, `pipeline_task`, `description` | "" | results.json, model card, `--help` | - |
+| `data_arguments` | required | parsing: the script's data settings dataclass | all |
+| `supports_kfold` | False | before anything: `--kfold` refused when False | all |
+| `eval_before_training` | False | before the first step: evaluate the starting weights | all |
+| `tokenizer_kwargs(model_args)` | `{}` | loading the tokenizer | all |
+| `load_data(ctx)` | required | after tokenizer and config; returns `PreparedData` | all (main first for caches) |
+| `build_model(ctx, data)` | required | after data, seeded; returns `BuiltModel` | all |
+| `objective(ctx, data, built)` | required | after the model; returns the `Objective` | all |
+| `collator(ctx, data, base)` | `base` | after the objective: batch building | all |
+| `write_predictions(ctx, data, split, outputs)` | nothing | after the final evaluation of each split | main |
+| `after_save(ctx, data, built, output_dir)` | `{}` | after the model is saved; returns results.json entries | main |
+| `extra_results(ctx, data, built, results, trainer)` | `{}` | before results.json is written | all |
+| `model_card(ctx, data)` | no labels, generic example | writing README.md | main |
+
+`Objective` -- what the training loop and evaluation call on every batch.
+
+| hook | default | when | ranks |
+|---|---|---|---|
+| `default_metric` | "loss" | picks the best model unless `--metric_for_best_model` | all |
+| `eval_pad_values` | `{}` | per-token eval outputs: padded across processes with these | all |
+| `after_prepare(model)` | nothing | right after `accelerator.prepare` (unwrapped model) | all |
+| `total_items(dataset)` | None | once, with length grouping: the epoch's items (fixed per-step denominator) | all |
+| `prepare_batch(batch)` | `batch` | each training micro-batch, under a seed of (seed, step, micro-batch) | all |
+| `count_items(batch)` | required | each training micro-batch: what the loss is averaged over | all |
+| `loss_sum(model, batch)` | required | each training micro-batch: the summed (not averaged) loss | all |
+| `eval_outputs(model, batch)` | required | each evaluation batch: tensors with the batch as dim 0 | all |
+| `compute_metrics(outputs)` | required | after gathering: metrics from key -> np.ndarray | all |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class Context:
+    """Everything one run knows before its data is loaded."""
+    model_args: Any
+    data_args: Any
+    args: Any                     # config.TrainArguments of this run
+    runtime: Any                  # runtime.Runtime
+    tokenizer: Any = None
+    model_config: Any = None
+    timings: dict = field(default_factory=dict)
+    split: Any = None             # plan.SplitPlan of a multi-run job (split seed, k-fold, held-out fold)
+    run_name: str = ""
+
+    @property
+    def accelerator(self):
+        return self.runtime.accelerator
+
+
+@dataclass
+class PreparedData:
+    train: Any                      # tokenized datasets.Dataset with "length" and "row_id"
+    eval: Any = None
+    test: Any = None
+    raw: dict = field(default_factory=dict)       # split -> raw rows (for predictions files)
+    info: dict = field(default_factory=dict)      # goes to results.json["data"]
+    identity: dict = field(default_factory=dict)  # checked on resume
+    state: Any = None                             # the task's own facts from its data (labels, offsets, ...)
+
+
+@dataclass
+class BuiltModel:
+    model: Any
+    new_weights: list = field(default_factory=list)       # initialised here, not loaded
+    unexpected_keys: list = field(default_factory=list)   # in the checkpoint, not used by this model
+    state: Any = None                                     # the task's own facts from its model
+
+
+class Objective:
+    """What the loop calls per batch. See the module docstring for when each hook runs."""
+    default_metric: str = "loss"
+    eval_pad_values: dict = {}
+
+    def after_prepare(self, model) -> None:
+        pass
+
+    def total_items(self, dataset) -> Optional[float]:
+        return None
+
+    def prepare_batch(self, batch: dict) -> dict:
+        return batch
+
+    def count_items(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_sum(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_outputs(self, model, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def compute_metrics(self, outputs: dict) -> dict:
+        raise NotImplementedError
+
+
+class Task:
+    """What a script provides. See the module docstring for when each hook runs; train_cls.py is a
+    complete example."""
+    name: str = ""
+    pipeline_task: str = ""
+    description: str = ""
+    data_arguments: type = object
+    supports_kfold: bool = False
+    eval_before_training: bool = False
+
+    def tokenizer_kwargs(self, model_args) -> dict:
+        return {}
+
+    def load_data(self, ctx: Context) -> PreparedData:
+        raise NotImplementedError
+
+    def build_model(self, ctx: Context, data: PreparedData) -> BuiltModel:
+        raise NotImplementedError
+
+    def objective(self, ctx: Context, data: PreparedData, built: BuiltModel) -> Objective:
+        raise NotImplementedError
+
+    def collator(self, ctx: Context, data: PreparedData, base):
+        return base
+
+    def write_predictions(self, ctx: Context, data: PreparedData, split: str, outputs: dict) -> None:
+        pass
+
+    def after_save(self, ctx: Context, data: PreparedData, built: BuiltModel, output_dir: str) -> dict:
+        return {}
+
+    def extra_results(self, ctx: Context, data: PreparedData, built: BuiltModel, results: dict, trainer) -> dict:
+        return {}
+
+    def model_card(self, ctx: Context, data: PreparedData) -> dict:
+        return {"labels": None, "example": "print(pipe('...'))"}
+
+
+def model_inputs(batch: dict, keys=("input_ids", "attention_mask", "token_type_ids")) -> dict:
+    return {k: batch[k] for k in keys if k in batch}
