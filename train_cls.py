@@ -2,14 +2,13 @@
 """Fine-tune a BERT-family encoder for sequence classification (single texts, sentence pairs,
 several text columns joined; any number of labels; float labels -> regression).
 
-    accelerate launch train_cls.py --dataset glue --dataset_config mrpc --output_dir out
+    accelerate launch train_cls.py --output_dir out      # no data flag: GLUE MRPC from the Hub
     python train_cls.py --train_file train.csv --validation_file dev.csv --output_dir out
 
 From a notebook: `notebook_launcher(main, (argv,), num_processes=N)`. See README.md.
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
@@ -28,10 +27,11 @@ from common.data import (
     tokenizer_fingerprint,
 )
 from common.errors import UserError, fmt_columns, run_cli
-from common.labels import read_split_labels, resolve_labels
+from common.labels import labels_from_model, read_split_labels, resolve_labels
 from common.launch import launch
 from common.metrics import classification_metrics, regression_metrics
 from common.models import load_pretrained
+from common.predictions import CsvPredictions
 from common.splits import plan_rows
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
 
@@ -45,6 +45,7 @@ MRPC_IDS = ("#1 ID", "#2 ID")  # the raw MRPC TSV's id columns
 
 @dataclass
 class ClsDataArguments(DataSourceArguments):
+    default_dataset = ("nyu-mll/glue", "mrpc")  # GLUE MRPC, when no data flag is given
     train_file: Optional[str] = field(default=None, metadata={"help": "csv, tsv, json, jsonl or parquet."})
     test_split_name: str = field(default="test", metadata={"help": "Hub split used for testing (if present)."})
     test_file: Optional[str] = field(default=None, metadata={"help": "Test file; labels optional."})
@@ -88,21 +89,25 @@ def read_splits(a: ClsDataArguments, model_args) -> tuple[dict, dict]:
     for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
                               "--validation_file"), ("test", a.test_file, "--test_file")):
         if path:
-            splits[split] = datasets.Dataset.from_pandas(read_table(path, flag), preserve_index=False)
+            df = read_table(path, flag, a.encoding, a.column_names)
+            splits[split] = datasets.Dataset.from_pandas(df, preserve_index=False)
             where[split] = f"{flag} '{path}'"
     return splits, where
 
 
-def resolve_columns(a: ClsDataArguments, splits: dict, where: dict) -> tuple[list[str], Optional[str], str]:
-    """(text columns, pair column or None, label column); explicit flags or an exact known layout."""
-    columns = list(splits["train"].column_names)
+def resolve_columns(a: ClsDataArguments, columns: list, where: str, unlabelled_ok: bool = False
+                    ) -> tuple[list[str], Optional[str], str]:
+    """(text columns, pair column or None, label column); explicit flags or an exact known layout. A file to
+    predict (unlabelled_ok) may lack the label column."""
     label = a.label_column
-    if label is not None:
-        require_columns(columns, [label], where["train"], {label: "--label_column"})
+    if unlabelled_ok and not any(c in columns for c in ([label] if label else KNOWN_LABELS)):
+        label = label or KNOWN_LABELS[0]
+    elif label is not None:
+        require_columns(columns, [label], where, {label: "--label_column"})
     else:
         found = [c for c in KNOWN_LABELS if c in columns]
         if len(found) != 1:
-            raise UserError(f"{where['train']}: cannot tell the label column among {fmt_columns(columns)}; "
+            raise UserError(f"{where}: cannot tell the label column among {fmt_columns(columns)}; "
                             "pass --label_column.")
         label = found[0]
     if a.text_columns:
@@ -113,7 +118,7 @@ def resolve_columns(a: ClsDataArguments, splits: dict, where: dict) -> tuple[lis
     for layout in KNOWN_LAYOUTS:
         if rest == layout or (set(rest) == set(layout) and len(rest) == len(layout)):
             return [layout[0]], (layout[1] if len(layout) > 1 else None), label
-    raise UserError(f"{where['train']}: the text columns are ambiguous among {fmt_columns(columns)}; pass "
+    raise UserError(f"{where}: the text columns are ambiguous among {fmt_columns(columns)}; pass "
                     "--text_column (and --text_pair_column for pairs) or --text_columns to join several.")
 
 
@@ -131,6 +136,7 @@ class ClassificationTask(Task):
     name = "classification"
     pipeline_task = "text-classification"
     description = __doc__
+    head = "ForSequenceClassification"
     data_arguments = ClsDataArguments
     supports_kfold = True
 
@@ -139,7 +145,8 @@ class ClassificationTask(Task):
 
         a, args, tok = ctx.data_args, ctx.args, ctx.tokenizer
         splits, where = read_splits(a, ctx.model_args)
-        texts, pair, label_col = resolve_columns(a, splits, where)
+        first = "train" if "train" in splits else next(iter(splits))  # --no_do_train: validation/test only
+        texts, pair, label_col = resolve_columns(a, list(splits[first].column_names), where[first], first == "test")
         flag_of = {c: "--text_columns" if a.text_columns else "--text_column" for c in texts}
         if pair:
             flag_of[pair] = "--text_pair_column"
@@ -148,15 +155,14 @@ class ClassificationTask(Task):
         # Labels: from every labelled split, so a label seen only in validation still gets an id.
         labels, numeric, labelled = read_split_labels(splits, where, texts + ([pair] if pair else []), label_col,
                                                       flag_of)
-        feature = splits["train"].features.get(label_col)
-        hub_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        found = resolve_labels(labels, numeric, where, label_col, a.task_type, a.allow_unseen_labels, hub_names)
+        if args.do_train:
+            feature = splits["train"].features.get(label_col)
+            hub_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+            found = resolve_labels(labels, numeric, where, label_col, a.task_type, a.allow_unseen_labels, hub_names)
+        else:  # the model's own label map
+            found = labels_from_model(labels, numeric, where, label_col, ctx.model_config, a.allow_unseen_labels)
         regression, class_names, ids = found.regression, found.class_names, found.ids
 
-        # The whole training file is tokenized once (cached); derived splits and k-fold folds are
-        # index selections of it, so seeds and folds never tokenize again.
-        pool = splits["train"].add_column("__label", ids["train"])
-        pool = pool.add_column("row_id", list(range(len(pool))))
         sep = a.text_separator if a.text_separator is not None else f" {tok.sep_token or ''} "
 
         def encode(batch):
@@ -175,12 +181,18 @@ class ClassificationTask(Task):
         def tokenize(split, ds):
             return tokenize_split(ctx, split, ds, encode, key, [c for c in ds.column_names if c != "row_id"])
 
-        tok_pool = tokenize("train", pool)
-        idx = plan_rows(len(pool), ctx.split, ctx.split.seed if ctx.split else args.seed, set(splits),
-                        a.validation_split, a.test_split, args.max_train_samples,
-                        None if regression else np.asarray(ids["train"]))
-        prepared = {split: pool.select(rows) for split, rows in idx.items()}
-        out = {split: tok_pool.select(rows) for split, rows in idx.items()}
+        # The whole training file is tokenized once (cached); derived splits and k-fold folds are
+        # index selections of it, so seeds and folds never tokenize again.
+        prepared, out, idx = {}, {}, {}
+        if "train" in splits:
+            pool = splits["train"].add_column("__label", ids["train"])
+            pool = pool.add_column("row_id", list(range(len(pool))))
+            tok_pool = tokenize("train", pool)
+            idx = plan_rows(len(pool), ctx.split, ctx.split.seed if ctx.split else args.seed, set(splits),
+                            a.validation_split, a.test_split, args.max_train_samples,
+                            None if regression else np.asarray(ids["train"]))
+            prepared = {split: pool.select(rows) for split, rows in idx.items()}
+            out = {split: tok_pool.select(rows) for split, rows in idx.items()}
         derived = sorted(s for s in idx if s != "train")
         for split in ("validation", "test"):
             if split in splits:
@@ -189,7 +201,7 @@ class ClassificationTask(Task):
                 ds = ds.add_column("__label", ids[split]) if labelled.get(split) else ds
                 prepared[split] = ds
                 out[split] = tokenize(split, ds)
-        truncated = int(sum(1 for n in out["train"]["length"] if n >= a.max_length))
+        truncated = int(sum(1 for n in out["train"]["length"] if n >= a.max_length)) if "train" in out else 0
         info = {"source": source_name(a), "text_columns": texts, "text_pair_column": pair, "label_column": label_col,
                 "problem_type": "regression" if regression else "single_label_classification",
                 "labels": class_names, "sizes": {s: len(d) for s, d in out.items()},
@@ -198,7 +210,7 @@ class ClassificationTask(Task):
                 **({"kfold": ctx.split.kfold, "fold": ctx.split.fold + 1, "held_out_rows": len(idx["test"])}
                    if ctx.split and ctx.split.kfold else {}),
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out if s not in derived}}
-        return PreparedData(train=out["train"], eval=out.get("validation"), test=out.get("test"), raw=prepared,
+        return PreparedData(train=out.get("train"), eval=out.get("validation"), test=out.get("test"), raw=prepared,
                             info=info, identity={"labels": class_names, "problem_type": info["problem_type"]},
                             state=ClsState(texts, pair, label_col, regression, class_names))
 
@@ -216,31 +228,11 @@ class ClassificationTask(Task):
     def objective(self, ctx, data, built):
         return ClassificationObjective(data.state.regression, len(data.state.class_names or [0]))
 
-    def write_predictions(self, ctx: Context, data: PreparedData, split: str, outputs: dict) -> None:
-        """predictions_<split>.csv: row_id, the text columns, gold, predicted (and class probabilities)."""
-        st, raw = data.state, data.raw["validation" if split == "eval" else "test"]
-        order = np.argsort(outputs["row_id"], kind="stable")
-        rows = outputs["row_id"][order].astype(int)
-        by_row = {r: i for i, r in enumerate(raw["row_id"])}
-        logits = outputs["logits"][order]
-        gold = outputs["labels"][order] if "labels" in outputs else None
-        cols = st.texts + ([st.pair] if st.pair else [])
-        values = {c: raw[c] for c in cols}
+    def prediction_writer(self, ctx, data, split):
         path = os.path.join(ctx.args.output_dir, f"predictions_{split}.csv")
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            if st.regression:
-                w.writerow(["row_id", *cols, "gold", "predicted"])
-                for i, r in enumerate(rows):
-                    g = "" if gold is None else f"{gold[i]:.6g}"
-                    w.writerow([r, *(values[c][by_row[r]] for c in cols), g, f"{logits[i, 0]:.6g}"])
-                return
-            probs = torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
-            w.writerow(["row_id", *cols, "gold", "predicted", *(f"prob_{c}" for c in st.class_names)])
-            for i, r in enumerate(rows):
-                g = "" if gold is None else st.class_names[int(gold[i])]
-                w.writerow([r, *(values[c][by_row[r]] for c in cols), g, st.class_names[int(probs[i].argmax())],
-                            *(f"{p:.6f}" for p in probs[i])])
+        st = data.state
+        return CsvPredictions(path, data.raw["validation" if split == "eval" else "test"],
+                              st.texts + ([st.pair] if st.pair else []), None if st.regression else st.class_names)
 
     def model_card(self, ctx, data):
         example = ("print(pipe({'text': 'first sentence', 'text_pair': 'second sentence'}))" if data.state.pair
@@ -263,7 +255,8 @@ class ClassificationObjective(Objective):
     def _losses(self, logits, labels):
         if self.regression:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        # ignore_index: a label the model does not know (--no_do_train --allow_unseen_labels) has no loss
+        return F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=self.num_labels)
 
     def loss_sum(self, model, batch):
         logits = model(**model_inputs(batch)).logits

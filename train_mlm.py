@@ -2,8 +2,7 @@
 """Masked-language-model domain adaptation of a BERT-family encoder on raw text; the output folder
 is a model that train_cls.py and train_ner.py start from (--model OUTPUT_DIR).
 
-    accelerate launch train_mlm.py --train_file corpus.txt --output_dir mlm-out
-    python train_mlm.py --dataset wikitext --dataset_config wikitext-2-raw-v1 --output_dir mlm-out
+    accelerate launch train_mlm.py --train_file corpus.txt --output_dir mlm-out   # no data flag: WikiText-2
 
 Text: .txt files (one document or paragraph per line, blank lines skipped), csv/json/jsonl/parquet
 with --text_column, or a Hub dataset. Packed blocks of --max_length tokens by default, or one example
@@ -16,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ TEXT_COLUMNS = ("text", "sentence", "content", "body", "document")
 
 @dataclass
 class MlmDataArguments(DataSourceArguments):
+    default_dataset = ("Salesforce/wikitext", "wikitext-2-raw-v1")  # WikiText-2 (raw), when no data flag is given
     train_file: Optional[str] = field(default=None, metadata={
         "help": "Plain text (.txt/.tokens/.raw, one document per line) or a table (.csv/.tsv/.json/.jsonl/.parquet)."})
     validation_split_name: str = field(default="validation", metadata={"help": "Hub split used for evaluation."})
@@ -72,16 +73,17 @@ def read_splits(a: MlmDataArguments, model_args) -> tuple[dict, dict, dict]:
     """split -> texts, split -> where from, split -> blank rows skipped."""
     texts, where, skipped = {}, {}, {}
     if a.dataset:
-        names = {"train": a.train_split_name, "validation": a.validation_split_name}
+        names = {"train": a.train_split_name, "validation": a.validation_split_name, "test": "test"}
         hub, where = read_hub_splits(a, model_args.cache_dir, names)
         for split, ds in hub.items():
             col = mlm.text_column_of(ds.column_names, a.text_column, TEXT_COLUMNS, where[split])
             texts[split], skipped[split] = mlm.texts_from_column(ds[col], where[split], col)
         return texts, where, skipped
     for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
-                                                                       "--validation_file")):
+                              "--validation_file"), ("test", a.test_file, "--test_file")):
         if path:
-            texts[split], skipped[split] = mlm.read_texts(path, flag, a.text_column, TEXT_COLUMNS)
+            texts[split], skipped[split] = mlm.read_texts(path, flag, a.text_column, TEXT_COLUMNS, a.encoding,
+                                                           a.column_names)
             where[split] = f"{flag} '{path}'"
     return texts, where, skipped
 
@@ -93,29 +95,27 @@ class MlmModelState:
 
 
 class MlmTask(Task):
-    name = "fill-mask"
-    pipeline_task = "fill-mask"
+    name = pipeline_task = "fill-mask"
     description = __doc__
+    head = "ForMaskedLM"
     data_arguments = MlmDataArguments
     eval_before_training = True
 
     def load_data(self, ctx: Context) -> PreparedData:
-        import datasets
-
         a, args, tok = ctx.data_args, ctx.args, ctx.tokenizer
         if tok.mask_token_id is None:
             raise UserError(f"the tokenizer of '{ctx.model_args.model}' has no mask token, so it cannot be "
                             "trained as a masked language model.")
         texts, where, skipped = read_splits(a, ctx.model_args)
         derived = False
-        if "validation" not in texts and a.validation_split > 0:
+        if "train" in texts and "validation" not in texts and a.validation_split > 0:
             if len(texts["train"]) < 2:
                 raise UserError(f"{where['train']} has a single text: too little to hold out "
                                 f"--validation_split {a.validation_split}; pass --validation_file or "
                                 "--validation_split 0.")
             rows = plan_rows(len(texts["train"]), None, ctx.split.seed if ctx.split else args.seed, set(texts),
                              a.validation_split)
-            texts = {split: [texts["train"][i] for i in rows[split]] for split in ("train", "validation")}
+            texts.update({split: [texts["train"][i] for i in rows[split]] for split in ("train", "validation")})
             derived = True
 
         special_ids = sorted(set(tok.all_special_ids))
@@ -124,7 +124,7 @@ class MlmTask(Task):
         encode = mlm.encoder(tok, packed, a.max_length, a.whole_word_mask)
 
         out, stats = {}, {}
-        for split in ("train", "validation"):
+        for split in ("train", "validation", "test"):
             if split not in texts:
                 continue
             enc = tokenize_split(ctx, split, datasets.Dataset.from_dict({"text": texts[split]}), encode, key, ["text"])
@@ -136,26 +136,26 @@ class MlmTask(Task):
                             "text_tokens": n_text_tokens, "blank_rows_skipped": skipped.get(split, 0)}
             if not packed:
                 stats[split]["truncated_lines"] = int(np.sum(np.asarray(enc["length"]) >= a.max_length))
-            if split == "validation":
+            if split != "train":  # fixed masks: the same tokens are predicted in every evaluation
                 enc, n_masked = mlm.fixed_eval_masks(enc, special_ids, a.mlm_probability, tok.mask_token_id,
                                                      len(tok), a.eval_mask_seed, a.whole_word_mask)
                 if n_masked == 0:
-                    raise UserError(f"the evaluation text ({where.get('validation', 'held-out lines')}) is too short "
+                    raise UserError(f"the evaluation text ({where.get(split, 'held-out lines')}) is too short "
                                     f"for any token to be masked at --mlm_probability {a.mlm_probability}; pass "
                                     "more evaluation text.")
                 stats[split]["masked_tokens"] = n_masked
             out[split] = enc
             logger.info("%s: %d texts -> %d %s, %d tokens%s", split, len(texts[split]), len(enc),
                         "blocks" if packed else "lines", tokens,
-                        f" ({stats[split]['masked_tokens']} masked for evaluation)" if split == "validation" else "")
-        if args.max_train_samples:
+                        f" ({stats[split]['masked_tokens']} masked for evaluation)" if split != "train" else "")
+        if args.max_train_samples and "train" in out:
             out["train"] = out["train"].select(range(min(args.max_train_samples, len(out["train"]))))
         info = {"source": source_name(a), "mode": "packed" if packed else "line_by_line", "max_length": a.max_length,
                 "mlm_probability": a.mlm_probability, "whole_word_mask": a.whole_word_mask,
                 "eval_mask_seed": a.eval_mask_seed, "splits": stats,
                 "derived_splits": ["validation"] if derived else [],
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out}}
-        return PreparedData(train=out["train"], eval=out.get("validation"), info=info,
+        return PreparedData(train=out.get("train"), eval=out.get("validation"), test=out.get("test"), info=info,
                             identity={"mode": info["mode"], "max_length": a.max_length,
                                       "whole_word_mask": a.whole_word_mask})
 

@@ -3,7 +3,7 @@
 seqeval metrics on words).
 
     accelerate launch train_ner.py --train_file train.txt --validation_file valid.txt --output_dir out
-    python train_ner.py --dataset conll2003 --output_dir out
+    python train_ner.py --output_dir out                  # no data flag: CoNLL-2003 from the Hub
 
 Data: CoNLL column files (.txt/.conll/.tsv), csv/json/jsonl/parquet with a token and a tag column,
 or a Hub dataset. Sentences longer than --max_length are split into overlapping windows, so every
@@ -27,13 +27,14 @@ from common.launch import launch
 from common.log import logger
 from common.metrics import ner_metrics
 from common.models import byte_level, freeze, load_pretrained, load_tokenizer
-from common.reporting import write_text_atomic
+from common.predictions import ConllPredictions
 from common.splits import plan_rows
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
 
 
 @dataclass
 class NerDataArguments(DataSourceArguments):
+    default_dataset = ("lhoestq/conll2003", None)  # CoNLL-2003 (parquet), when no data flag is given
     train_file: Optional[str] = field(default=None, metadata={
         "help": "CoNLL columns (.txt/.conll/.iob/.bio/.tsv) or a table (.csv/.json/.jsonl/.parquet)."})
     test_split_name: str = field(default="test", metadata={"help": "Hub split used for testing (if present)."})
@@ -44,6 +45,9 @@ class NerDataArguments(DataSourceArguments):
     tags_column: Optional[str] = field(default=None, metadata={
         "help": "Table/Hub column with the tags: a list, a list literal, or space-separated "
                 f"(default: the one of {', '.join(ner.TAG_COLUMNS)} present)."})
+    sentence_id_column: Optional[str] = field(default=None, metadata={
+        "help": "One-word-per-row tables: the column naming each row's sentence (given on every row, or only on a "
+                f"sentence's first row). Default: the one of {', '.join(ner.SENTENCE_ID_COLUMNS)} present."})
     tag_column_index: int = field(default=-1, metadata={"help": "CoNLL files: the column holding the tag."})
     label_names: Optional[list[str]] = field(default=None, metadata={
         "help": "Tag names in id order, for integer tags (a Hub ClassLabel provides them); also restricts "
@@ -59,6 +63,8 @@ class NerDataArguments(DataSourceArguments):
                 "empty sentences instead of stopping with an error."})
     max_length: int = field(default=128, metadata={
         "help": "Sub-tokens per window; longer sentences are split into overlapping windows."})
+    allow_unseen_labels: bool = field(default=False, metadata={
+        "help": "--no_do_train: score tags the model does not know as missed entities instead of stopping."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Do not train the embedding layer."})
     freeze_layers: int = field(default=0, metadata={
         "help": "Do not train the embeddings and the first N encoder layers."})
@@ -81,11 +87,13 @@ def read_splits(a: NerDataArguments, model_args) -> dict:
                               "--validation_file"), ("test", a.test_file, "--test_file")):
         if not path:
             continue
-        if file_extension(path) in ner.CONLL_EXTENSIONS:
-            splits[split] = ner.read_conll(path, flag, a.tag_column_index, a.skip_bad_rows)
+        if file_extension(path, flag) in ner.CONLL_EXTENSIONS and not (
+                file_extension(path, flag) == ".tsv" and ner.is_word_per_row_table(path, flag, a.encoding,
+                                                                                   a.sentence_id_column)):
+            splits[split] = ner.read_conll(path, flag, a.tag_column_index, a.skip_bad_rows, a.encoding)
         else:
-            splits[split] = ner.read_table_sentences(path, flag, a.tokens_column, a.tags_column,
-                                                     labelled_required=split != "test")
+            splits[split] = ner.read_table_sentences(path, flag, a.tokens_column, a.tags_column, split != "test",
+                                                     a.sentence_id_column, a.encoding, a.column_names)
         if split != "test" and splits[split].tags is None:
             raise UserError(f"{flag} '{path}' has no tags (one column per line / no tag column); "
                             "training and validation data must be tagged.")
@@ -106,6 +114,7 @@ class NerTask(Task):
     name = "token-classification"
     pipeline_task = "token-classification"
     description = __doc__
+    head = "ForTokenClassification"
     data_arguments = NerDataArguments
     supports_kfold = True
 
@@ -126,20 +135,23 @@ class NerTask(Task):
                 logger.warning("%s: skipped %d bad rows, e.g. %s", sents.where, files[split].skipped,
                                files[split].skip_reasons[0])
         # Which sentences of the training file go where (derived validation, k-fold folds), by index.
-        pool, kfold = files["train"], ctx.split is not None and ctx.split.kfold
+        pool, kfold = files.get("train"), ctx.split is not None and ctx.split.kfold  # no pool: --no_do_train
         seed = ctx.split.seed if ctx.split is not None else args.seed
-        idx = plan_rows(len(pool), ctx.split, seed, set(files), a.validation_split, 0.0, args.max_train_samples,
-                        what="training sentences")
-        used = np.unique(np.concatenate(list(idx.values())))
+        idx = {} if pool is None else plan_rows(len(pool), ctx.split, seed, set(files), a.validation_split, 0.0,
+                                                 args.max_train_samples, what="training sentences")
+        used = np.unique(np.concatenate(list(idx.values()))) if idx else np.zeros(0, dtype=np.int64)
 
         # Labels: 'O', then sorted, from every labelled sentence used (k-fold: the whole training file),
-        # the labelled evaluation files and the ClassLabel / --label_names list.
-        label_rows = range(len(pool)) if kfold else used
-        tags = [pool.tags[i] for i in label_rows] + [t for k, s in files.items() if k != "train" and s.tags
-                                                      for t in s.tags]
-        labels = ner.label_list(tags, (pool.class_names or []) + list(a.label_names or []), a.label_all_tokens)
+        # the labelled evaluation files and the ClassLabel / --label_names list; --no_do_train: the model's.
+        tags = [t for k, s in files.items() if k != "train" and s.tags for t in s.tags]
+        if args.do_train:
+            tags += [pool.tags[i] for i in (range(len(pool)) if kfold else used)]
+            labels = ner.label_list(tags, (pool.class_names or []) + list(a.label_names or []), a.label_all_tokens)
+        else:
+            labels = ner.model_labels(ctx.model_config, tags, a.allow_unseen_labels)
         label2id = {t: i for i, t in enumerate(labels)}
         inside = {i: label2id[ner.inside_tag(t)] if ner.inside_tag(t) in label2id else i for i, t in enumerate(labels)}
+        inside[-100] = -100  # a tag the model does not know (--allow_unseen_labels): no loss
         key = [tokenizer_fingerprint(tok), a.max_length, a.label_all_tokens, labels]
 
         def encode(batch):
@@ -157,7 +169,7 @@ class NerTask(Task):
             gold.extend(s.tags if s.tags is not None else [None] * len(s))
             columns = {"tokens": [s.tokens[i] for i in rows], "row_id": [base[split] + i for i in rows]}
             if s.tags is not None:
-                columns["tag_ids"] = [[label2id[t] for t in s.tags[i]] for i in rows]
+                columns["tag_ids"] = [[label2id.get(t, -100) for t in s.tags[i]] for i in rows]
             ds = datasets.Dataset.from_dict(columns)
             windows[split] = tokenize_split(ctx, split, ds, encode, key, ds.column_names)
         selections = {split: (windows["train"], rows) for split, rows in idx.items()}
@@ -188,7 +200,7 @@ class NerTask(Task):
                 **({"kfold": ctx.split.kfold, "fold": ctx.split.fold + 1, "split_seed": seed} if kfold else {}),
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{'train' if s in derived else s}_cached"]
                                         for s in out}}
-        return PreparedData(train=out["train"], eval=out.get("validation"), test=out.get("test"), info=info,
+        return PreparedData(train=out.get("train"), eval=out.get("validation"), test=out.get("test"), info=info,
                             identity={"labels": labels}, state=NerState(labels, words, gold, offsets))
 
     def build_model(self, ctx: Context, data: PreparedData) -> BuiltModel:
@@ -207,21 +219,10 @@ class NerTask(Task):
     def objective(self, ctx, data, built):
         return NerObjective(data.state, ctx.data_args.iob_scheme)
 
-    def write_predictions(self, ctx: Context, data: PreparedData, split: str, outputs: dict) -> None:
-        """predictions_<split>.conll: 'word gold predicted' per line (no gold column for unlabelled data),
-        a blank line between sentences, in file order."""
+    def prediction_writer(self, ctx, data, split):
         st = data.state
-        rows = np.unique(outputs["row_id"]).astype(int)
-        flat, _ = ner.word_predictions(outputs["predictions"], outputs["word_ids"], outputs["row_id"], st.offsets)
-        lines = []
-        for r in rows:
-            gold = st.gold[r]
-            for j, word in enumerate(st.words[r]):
-                p = flat[st.offsets[r] + j]
-                pred = st.labels[p] if p >= 0 else "O"
-                lines.append(f"{word} {pred}" if gold is None else f"{word} {gold[j]} {pred}")
-            lines.append("")
-        write_text_atomic(os.path.join(ctx.args.output_dir, f"predictions_{split}.conll"), "\n".join(lines))
+        return ConllPredictions(os.path.join(ctx.args.output_dir, f"predictions_{split}.conll"), st.labels, st.words,
+                                st.gold)
 
     def model_card(self, ctx, data):
         return {"labels": data.state.labels,

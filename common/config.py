@@ -10,12 +10,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import yaml
 from transformers import HfArgumentParser
 
 from .errors import UserError, closest
+from .files import check_encoding
 
 DEFAULT_MODEL = "huawei-noah/TinyBERT_General_4L_312D"
 # Schedules that need nothing beyond warm-up and total steps (plateau/min-lr/WSD need extra arguments).
@@ -55,19 +56,56 @@ class DataSourceArguments:
     validation_split_name: str = field(default="validation", metadata=_help("Hub split used for validation."))
     train_file: Optional[str] = field(default=None, metadata=_help("Training file."))
     validation_file: Optional[str] = field(default=None, metadata=_help("Validation file (same kinds as train)."))
+    test_file: Optional[str] = field(default=None, metadata=_help("Test file (same kinds as train)."))
     validation_split: float = field(default=0.1, metadata=_help(
         "Fraction of the training data held out (seeded) as validation data when there is none."))
     max_length: int = field(default=128, metadata=_help("Tokens per example after truncation."))
+    encoding: str = field(default="utf-8", metadata=_help(
+        "Text encoding of the data files (a UTF-8 byte-order mark is accepted); e.g. latin-1 or cp1252."))
+    column_names: Optional[list[str]] = field(default=None, metadata=_help(
+        "Names of the columns of csv/tsv files that have no header row (one per column, in order)."))
     preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help("Processes for tokenizing."))
     overwrite_cache: bool = field(default=False, metadata=_help("Tokenize again even if cached."))
 
+    # The canonical public task of the script, trained when no data flag at all is given: (Hub id, config).
+    default_dataset: ClassVar[Optional[tuple[str, Optional[str]]]] = None
+
     def __post_init__(self) -> None:
-        if not self.dataset and not self.train_file:
-            raise UserError("no training data: pass --train_file FILE or --dataset NAME [--dataset_config CONFIG].")
-        if self.dataset and self.train_file:
-            raise UserError("pass either --dataset or --train_file, not both.")
+        if self.dataset and (self.train_file or self.validation_file or self.test_file):
+            raise UserError("pass either --dataset or --train_file/--validation_file/--test_file, not both.")
         if not 0 <= self.validation_split < 1:
             raise UserError(f"--validation_split must be a fraction in [0, 1), got {self.validation_split}.")
+        check_encoding(self.encoding)
+        if self.column_names is not None and (not self.column_names or len(set(self.column_names)) != len(
+                self.column_names)):
+            raise UserError(f"--column_names needs one distinct name per column, got {self.column_names}.")
+
+    def source_flags_given(self) -> list[str]:
+        """The data flags given: where the data comes from and its columns (not processing settings)."""
+        given = []
+        for f in dataclasses.fields(self):
+            if f.init and any(k in f.name for k in ("dataset", "file", "column", "split_name")):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if getattr(self, f.name) != default:
+                    given.append(f.name)
+        return given
+
+    def resolve_source(self, training: bool) -> Optional[str]:
+        """With no data flag at all, train on the script's canonical public task (returns the line that
+        announces it); otherwise check that the data needed is there."""
+        if self.dataset or self.train_file:
+            return None
+        if not training:
+            if self.validation_file or self.test_file:
+                return None
+            raise UserError("--no_do_train evaluates or predicts files: pass --validation_file and/or --test_file "
+                            "(or --dataset NAME).")
+        if self.default_dataset and not self.source_flags_given():
+            self.dataset, self.dataset_config = self.default_dataset
+            config = f" (config {self.dataset_config})" if self.dataset_config else ""
+            return (f"no data flags given: training on the canonical task, Hub dataset '{self.dataset}'{config}; "
+                    "pass --train_file/--validation_file or --dataset to train on your own data.")
+        raise UserError("no training data: pass --train_file FILE or --dataset NAME [--dataset_config CONFIG].")
 
 
 @dataclass
@@ -116,6 +154,19 @@ class TrainArguments:
     save_total_limit: Optional[int] = field(default=None, metadata=_help("Keep only the newest N checkpoints."))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
         "A checkpoint folder, or 'latest' (the newest complete one in output_dir; starts fresh if none)."))
+    do_train: bool = field(default=True, metadata=_help(
+        "Train. --no_do_train evaluates/predicts with --model as it is (a trained output folder of this script, or any "
+        "model with this task's head): its label maps come from its config."))
+    do_eval: bool = field(default=True, metadata=_help(
+        "Evaluate on the validation data, if any (during training as --eval_strategy says, and at the end)."))
+    do_predict: bool = field(default=True, metadata=_help(
+        "Evaluate (when labelled) and write predictions for the test data, if any."))
+    push_to_hub: bool = field(default=False, metadata=_help(
+        "Upload the output folder to the Hub when training ends (checked before training starts)."))
+    hub_model_id: Optional[str] = field(default=None, metadata=_help("Hub repository for --push_to_hub: org/name."))
+    hub_token: Optional[str] = field(default=None, metadata=_help(
+        "Hub token for --push_to_hub (default: the one stored by `hf auth login` or HF_TOKEN)."))
+    hub_private_repo: bool = field(default=False, metadata=_help("Create the --hub_model_id repository as private."))
     report_to: str = field(default="none", metadata=_help(
         "Trackers through accelerate: none, all, or a comma list (tensorboard, wandb, mlflow, ...)."))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(

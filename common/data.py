@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -18,32 +20,12 @@ import datasets
 import numpy as np
 import pandas as pd
 
+from . import hub
 from .errors import UserError, closest, fmt_columns
+from .files import check_file, file_extension, first_line, local_file, read_text  # noqa: F401 (re-exported)
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 CACHE_VERSION = "1"  # bump when tokenization code changes what it writes
-
-
-def file_extension(path: str) -> str:
-    lower = path.lower()
-    for ext in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll", ".tokens"):
-        if lower.endswith(ext):
-            return ext
-    return os.path.splitext(lower)[1]
-
-
-def check_file(path: str, flag: str, allowed: Sequence[str]) -> str:
-    if not os.path.exists(path):
-        raise UserError(f"{flag} '{path}' does not exist.")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} '{path}' is a directory; pass a file.")
-    ext = file_extension(path)
-    if ext not in allowed:
-        raise UserError(f"{flag} '{path}' has an unsupported extension '{ext or '(none)'}'; "
-                        f"use one of {', '.join(allowed)}.")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{flag} '{path}' is empty.")
-    return ext
 
 
 def flat_values(dataset, column: str):
@@ -53,32 +35,36 @@ def flat_values(dataset, column: str):
     return pc.list_flatten(dataset.select_columns([column]).with_format("arrow")[:][column])
 
 
-def read_table(path: str, flag: str) -> pd.DataFrame:
-    """Read a csv/tsv/json/jsonl/parquet file (or a tab-separated .txt, like the MSR paraphrase corpus)
-    into a DataFrame, with one clear error per failure."""
+def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Optional[Sequence[str]] = None
+               ) -> pd.DataFrame:
+    """Read a csv/tsv/json/jsonl/parquet file (or a tab-separated .txt, like the MSR paraphrase corpus),
+    possibly compressed, into a DataFrame, with one clear error per failure. csv/tsv files without a
+    header row take their names from `column_names`; one whose first row looks like data is refused."""
     ext = check_file(path, flag, TABLE_EXTENSIONS + (".txt",))
     if ext == ".txt":
-        with open(path, "rb") as fh:
-            header = fh.readline()
-        if b"\t" not in header:
+        if "\t" not in first_line(path, flag, encoding):
             raise UserError(f"{flag} '{path}' is a .txt file without tab-separated columns in its first line; "
                             "give the table as .csv, .tsv, .json, .jsonl or .parquet.")
         ext = ".tsv"
+    if column_names and ext not in (".csv", ".tsv"):
+        raise UserError(f"--column_names is for csv/tsv files without a header row; {flag} '{path}' is {ext[1:]}, "
+                        "whose field names are in the file.")
+    local = local_file(path, flag)
     try:
         if ext in (".csv", ".tsv"):
             # TSVs in the GLUE style contain bare quotes inside text: read them without quoting.
             kw = dict(sep="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv" else dict(sep=",")
-            df = pd.read_csv(path, encoding="utf-8-sig", keep_default_na=False, na_values=[""],
-                             dtype=str, **kw)
-        elif ext == ".jsonl":
-            df = pd.read_json(path, lines=True, encoding="utf-8", dtype=False)
-        elif ext == ".json":
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+            header = dict(header=None) if column_names else {}
+            df = pd.read_csv(io.StringIO(read_text(path, flag, encoding)), keep_default_na=False, na_values=[""],
+                             dtype=str, **header, **kw)
+        elif ext in (".jsonl", ".json"):
+            text = read_text(path, flag, encoding)
             try:
-                obj = json.loads(text)
+                obj = json.loads(text) if ext == ".json" else None
             except json.JSONDecodeError:
-                df = pd.read_json(path, lines=True, encoding="utf-8", dtype=False)  # JSON lines named .json
+                obj = None  # JSON lines named .json
+            if obj is None:
+                df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
             else:
                 if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
                     obj = obj["data"]
@@ -89,12 +75,9 @@ def read_table(path: str, flag: str) -> pd.DataFrame:
                                     "a dict of columns, or one JSON object per line.")
                 df = pd.DataFrame.from_records(obj)
         else:
-            df = pd.read_parquet(path)
+            df = pd.read_parquet(local)
     except UserError:
         raise
-    except UnicodeDecodeError as err:
-        raise UserError(f"{flag} '{path}' is not UTF-8 text (bad byte at position {err.start}); "
-                        "re-save it as UTF-8.") from None
     except (pd.errors.ParserError, ValueError) as err:
         msg = " ".join(str(err).split())
         raise UserError(f"{flag} '{path}' could not be parsed as {ext[1:]}: {msg[:300]}.") from None
@@ -102,21 +85,64 @@ def read_table(path: str, flag: str) -> pd.DataFrame:
         raise UserError(f"{flag} '{path}' has no columns (is it empty?).") from None
     except Exception as err:  # e.g. pyarrow errors for parquet
         raise UserError(f"{flag} '{path}' could not be read as {ext[1:]}: {type(err).__name__}: {err}.") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    if column_names:
+        if df.shape[1] != len(column_names):
+            raise UserError(f"{flag} '{path}' has {df.shape[1]} columns but --column_names gives "
+                            f"{len(column_names)} names ({' '.join(column_names)}); give one name per column.")
+        df.columns = list(column_names)
+    else:
+        df.columns = [str(c).strip() for c in df.columns]
+        why = header_looks_like_data(df.columns) if ext in (".csv", ".tsv") else None
+        if why:
+            raise UserError(f"{flag} '{path}' seems to have no header row: its first row looks like data, not column "
+                            f"names ({why}); name the columns with --column_names NAME1 NAME2 ... "
+                            f"({df.shape[1]} names).")
     if len(df) == 0:
         raise UserError(f"{flag} '{path}' has a header but no rows.")
     return df
 
 
+_FILE_NAME = re.compile(r"^[\w.\-/\\]+\.(txt|jpe?g|png|gif|wav|mp3|flac|csv|tsv|json|html?|pdf|xml)$", re.I)
+
+
+def header_looks_like_data(columns: Sequence[str]) -> Optional[str]:
+    """Why a csv/tsv header row looks like a data row (None if it looks like column names)."""
+    names = [str(c) for c in columns]
+    for name in names:
+        try:
+            float(name.replace(",", ""))
+            return f"'{name}' is a number"
+        except ValueError:
+            pass
+    renamed = [n for n in names if re.fullmatch(r"(.+)\.\d+", n) and re.fullmatch(r"(.+)\.\d+", n).group(1) in names]
+    if renamed:
+        return f"'{renamed[0]}' repeats an earlier name"
+    for name in names:
+        if _FILE_NAME.match(name):
+            return f"'{name}' is a file name"
+        if len(name) > 60 or len(name.split()) > 6:
+            return f"'{name[:40]}...' is a sentence" if len(name) > 40 else f"'{name}' is a sentence"
+    return None
+
+
 def load_hub_splits(name: str, config: Optional[str], cache_dir: Optional[str], revision: str = "main",
                     trust_remote_code: bool = False) -> dict[str, datasets.Dataset]:
+    what = f"--dataset '{name}'{f' (config {config!r})' if config else ''}"
+    offline = hub.unreachable() if hub.is_hub_id(name) else None
+    saved = datasets.config.HF_HUB_OFFLINE
     try:
-        kwargs = {"cache_dir": cache_dir, "revision": revision}
-        ds = datasets.load_dataset(name, config, **kwargs)
+        datasets.config.HF_HUB_OFFLINE = saved or offline is not None  # the local cache only: no retries
+        ds = datasets.load_dataset(name, config, cache_dir=cache_dir, revision=revision)
     except Exception as err:  # offline, unknown name, missing config: the library's message says which
+        if offline is not None:
+            raise UserError(f"{what} could not be loaded: the Hugging Face Hub is not reachable ({offline}) and the "
+                            "data set is not in the local cache; pass local files with --train_file/--validation_file "
+                            "(see docs/data-formats.md).") from None
         first = " ".join(str(err).split())[:300]
-        raise UserError(f"--dataset '{name}'{f' (config {config!r})' if config else ''} could not be loaded: "
-                        f"{first}. Check the name, or pass local files with --train_file.") from None
+        raise UserError(f"{what} could not be loaded: {first}. Check the name, or pass local files with "
+                        "--train_file.") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
     return dict(ds)
 
 
@@ -133,7 +159,9 @@ def read_hub_splits(a, cache_dir: Optional[str], names: dict[str, str]) -> tuple
 
 def source_name(a) -> str:
     """The data's name in results.json and the model card: the Hub dataset/config or the training file."""
-    return f"{a.dataset}/{a.dataset_config}" if a.dataset else os.path.basename(a.train_file)
+    if a.dataset:
+        return f"{a.dataset}/{a.dataset_config}" if a.dataset_config else a.dataset
+    return os.path.basename(a.train_file or a.validation_file or a.test_file)
 
 
 def tokenize_split(ctx, split: str, raw: datasets.Dataset, fn: Callable[[dict], dict], key_parts: Sequence,

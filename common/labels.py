@@ -118,3 +118,43 @@ def resolve_labels(labels: dict, numeric: dict, where: dict, column: str, task_t
     if missing:
         logger.warning(f"labels {missing} never occur in the training data; the model cannot learn them.")
     return Labels(False, class_names, ids)
+
+
+def model_class_names(config) -> Optional[list]:
+    """The class names of a trained classifier's config in id order (None for a regression head)."""
+    if getattr(config, "problem_type", None) == "regression" or config.num_labels == 1:
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def labels_from_model(labels: dict, numeric: dict, where: dict, column: str, config, allow_unseen: bool) -> Labels:
+    """--no_do_train: label ids from the model's own label map. A label the model does not know is an error
+    naming it, or with `allow_unseen` gets the id past the model's classes (never predicted: an error)."""
+    names = model_class_names(config)
+    if names is None:
+        if not all(numeric.values()):
+            raise UserError(f"the model is a regression model but column '{column}' has text labels.")
+        return Labels(True, None, {s: [float(v) for v in vs] for s, vs in labels.items()})
+    to_id = {n: i for i, n in enumerate(names)}
+    default_names = all(n == f"LABEL_{i}" for i, n in enumerate(names))  # a head saved without label names
+
+    def key(v):
+        if isinstance(v, float) and v == int(v):
+            v = int(v)
+        if default_names and isinstance(v, int) and 0 <= v < len(names):
+            return names[v]
+        return str(v)
+
+    ids, unseen = {}, {}
+    for split, values in labels.items():
+        ids[split] = [to_id.get(key(v), len(names)) for v in values]
+        unknown = sorted({key(v) for v in values if key(v) not in to_id})
+        if unknown:
+            unseen[split] = unknown
+    if unseen and not allow_unseen:
+        split, unknown = next(iter(unseen.items()))
+        raise UserError(f"{where[split]} has labels {unknown} (column '{column}') that the model does not know; its "
+                        f"labels are {names}. Fix the labels, or pass --allow_unseen_labels to count them as errors.")
+    for split, unknown in unseen.items():
+        logger.warning("%s: labels %s are not the model's; they are counted as errors", where[split], unknown)
+    return Labels(False, names, ids)

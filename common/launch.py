@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import reporting
+from . import hub, reporting
 from .config import ModelArguments, TrainArguments, parse_args
-from .log import setup_logging
+from .errors import UserError
+from .log import logger, setup_logging
 from .plan import check_plan, plan_runs
 from .repeats import run_all
 from .runtime import make_runtime, reset_accelerate_state, shutdown
@@ -21,11 +22,29 @@ from .single_run import run_single
 from .task import Context, Task
 
 
+def push_preflight(accelerator, args) -> str:
+    """hub.push_preflight on the main process; its repository id (or its error, on every rank)."""
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [("ok", hub.push_preflight(args))]
+        except UserError as err:
+            answer = [("error", str(err))]
+    broadcast_object_list(answer)
+    kind, value = answer[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the task with these command-line arguments; returns results.json (or summary.json) as a dict."""
     model_args, data_args, args = parse_args([ModelArguments, task.data_arguments, TrainArguments], argv,
                                              task.description)
     reset_accelerate_state()  # a notebook may call main() again in the same kernel
+    announce = data_args.resolve_source(args.do_train)
     runs = plan_runs(args)
     check_plan(args, task.name, task.supports_kfold)
     if len(runs) == 1 and runs[0].split is None:
@@ -33,8 +52,11 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     runtime = make_runtime(args, args.output_dir)
     try:
         setup_logging(runtime.accelerator.is_local_main_process)
+        if announce:
+            logger.info(announce)
         if runs[0].split is None:
-            return run_single(task, Context(model_args, data_args, args, runtime))
+            repo = push_preflight(runtime.accelerator, args) if args.push_to_hub else None
+            return run_single(task, Context(model_args, data_args, args, runtime, hub_repo=repo))
         return run_all(task, model_args, data_args, args, runtime, runs)
     finally:
         shutdown(runtime.accelerator)

@@ -21,8 +21,9 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: in
         p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average=avg, zero_division=0)
         out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
     if num_labels == 2:
-        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=[1], average="binary", pos_label=1,
-                                                     zero_division=0)
+        # the positive class alone (= average="binary", which also takes labels the model does not know,
+        # counted as errors under --allow_unseen_labels)
+        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=[1], average="micro", zero_division=0)
         out.update({"precision": float(p), "recall": float(r), "f1": float(f)})
     else:
         out["f1"] = out["f1_macro"]

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .data import TABLE_EXTENSIONS, check_file, is_missing, read_table, require_columns
+from .data import TABLE_EXTENSIONS, is_missing, read_table, require_columns
 from .errors import UserError, fmt_columns
+from .files import check_file, read_text
 
 TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
 
@@ -26,36 +27,27 @@ TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
 # Reading
 # ---------------------------------------------------------------------------------------------
 
-def read_text_lines(path: str, flag: str) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, stripped. An undecodable byte is reported with its line."""
-    if not os.path.exists(path):
-        raise UserError(f"{flag} '{path}' does not exist.")
-    if os.path.isdir(path):
-        raise UserError(f"{flag} '{path}' is a directory; pass a file.")
-    lines = []
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise UserError(f"{flag} '{path}', line {number}: not valid UTF-8 ({err.reason} at byte "
-                                f"{err.start}); re-save the file as UTF-8.") from None
-            if line:
-                lines.append(line)
+def read_text_lines(path: str, flag: str, encoding: str = "utf-8") -> list[str]:
+    """Non-blank lines of a text file (possibly compressed), stripped. An undecodable byte is reported
+    with its line."""
+    check_file(path, flag, TEXT_EXTENSIONS)
+    lines = [line.strip() for line in read_text(path, flag, encoding).split("\n")]
+    lines = [line for line in lines if line]
     if not lines:
         raise UserError(f"{flag} '{path}' has no text (every line is blank).")
     return lines
 
 
-def read_texts(path: str, flag: str, column: Optional[str], candidates: Sequence[str]) -> tuple[list[str], int]:
+def read_texts(path: str, flag: str, column: Optional[str], candidates: Sequence[str], encoding: str = "utf-8",
+               column_names: Optional[Sequence[str]] = None) -> tuple[list[str], int]:
     """(non-blank texts, number of blank/missing rows skipped) from a text file or a table."""
     ext = check_file(path, flag, TEXT_EXTENSIONS + TABLE_EXTENSIONS)
     if ext in TEXT_EXTENSIONS:
         if column:
             raise UserError(f"--text_column '{column}' was given but {flag} '{path}' is a plain text file "
                             "(one text per line); drop --text_column or pass a table.")
-        return read_text_lines(path, flag), 0
-    df = read_table(path, flag)
+        return read_text_lines(path, flag, encoding), 0
+    df = read_table(path, flag, encoding, column_names)
     col = text_column_of(list(df.columns), column, candidates, f"{flag} '{path}'")
     return texts_from_column(list(df[col]), f"{flag} '{path}'", col)
 

@@ -5,9 +5,15 @@ import os
 
 import torch
 
+from . import hub
 from .errors import UserError
 from .log import logger
 from .task import BuiltModel
+
+
+def _hub_kwargs(name: str) -> dict:
+    """local_files_only when the Hub cannot be reached: a cached model loads, anything else fails at once."""
+    return {"local_files_only": True} if hub.is_hub_id(name) and hub.unreachable() else {}
 
 
 def load_tokenizer(model_args, **kwargs):
@@ -16,7 +22,8 @@ def load_tokenizer(model_args, **kwargs):
     name = model_args.tokenizer_name or model_args.model
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=model_args.revision, cache_dir=model_args.cache_dir,
-                                            trust_remote_code=model_args.trust_remote_code, **kwargs)
+                                            trust_remote_code=model_args.trust_remote_code, **_hub_kwargs(name),
+                                            **kwargs)
     except Exception as err:
         raise UserError(_load_message(name, err, "tokenizer")) from None
     if not getattr(tok, "is_fast", False):
@@ -27,6 +34,11 @@ def load_tokenizer(model_args, **kwargs):
 
 def _load_message(name: str, err: Exception, what: str) -> str:
     first = " ".join(str(err).split())[:250]
+    offline = hub.unreachable() if hub.is_hub_id(name) else None
+    if offline is not None:
+        return (f"--model '{name}' could not be loaded ({what}): the Hugging Face Hub is not reachable ({offline}) "
+                "and the model is not in the local cache; pass a local folder saved with save_pretrained "
+                "(--model PATH).")
     if os.path.isdir(name):
         return f"--model '{name}' could not be loaded as a {what}: {first}."
     if os.path.sep in name and not os.path.exists(name) and name.count("/") != 1:
@@ -41,7 +53,8 @@ def load_config(model_args):
     try:
         return AutoConfig.from_pretrained(model_args.model, revision=model_args.revision,
                                           cache_dir=model_args.cache_dir,
-                                          trust_remote_code=model_args.trust_remote_code)
+                                          trust_remote_code=model_args.trust_remote_code,
+                                          **_hub_kwargs(model_args.model))
     except Exception as err:
         raise UserError(_load_message(model_args.model, err, "config")) from None
 
@@ -56,7 +69,7 @@ def load_pretrained(auto_class, model_args, **kwargs) -> BuiltModel:
             trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
             # fp32 master weights whatever dtype the checkpoint was stored in (transformers 5 keeps the
             # stored dtype by default, and AdamW on fp16 weights diverges); autocast does mixed precision.
-            dtype=torch.float32, **attn, **kwargs)
+            dtype=torch.float32, **attn, **_hub_kwargs(name), **kwargs)
     except Exception as err:
         raise UserError(_load_message(name, err, "model")) from None
     new = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0]

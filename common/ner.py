@@ -14,8 +14,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import data as D
+from .data import is_missing, read_table
 from .errors import UserError, closest, fmt_columns
+from .files import check_file, first_line, read_text
 
 # One token per line, whitespace-separated columns, blank line between sentences.
 CONLL_EXTENSIONS = (".txt", ".conll", ".iob", ".iob2", ".bio", ".tsv")
@@ -23,6 +24,10 @@ TABLE_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
 # Column names recognised without flags (exactly one of each must be present).
 TOKEN_COLUMNS = ("tokens", "words", "Sentence", "sentence", "text")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "Tag", "tag", "ner")
+# One word per row (the Kaggle/GMB `ner_dataset.csv` layout): the column saying which sentence a row
+# belongs to (often only on a sentence's first row), and the word column.
+SENTENCE_ID_COLUMNS = ("Sentence #", "sentence #", "sentence_id", "Sentence_ID", "sentence_idx", "sent_id")
+WORD_COLUMNS = ("Word", "word", "Token", "token", "tokens", "words")
 MAX_REASONS = 5  # skipped-row reasons kept for the log and results.json
 # Words are separated by ASCII whitespace only: str.split() would also split on characters such as
 # U+0085, which is a word of its own in the real GMB data (a mis-decoded ellipsis).
@@ -53,18 +58,15 @@ class Sentences:
 # Readers
 # ---------------------------------------------------------------------------------------------
 
-def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: bool = False) -> Sentences:
+def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: bool = False,
+               encoding: str = "utf-8") -> Sentences:
     """CoNLL columns: the token in column 0, the tag in `tag_column_index` (default: the last column).
 
     `-DOCSTART-` lines are skipped; several blank lines count as one separator. A file whose lines all
     have a single column is an unlabelled file (allowed for --test_file only; the caller checks)."""
-    D.check_file(path, flag, CONLL_EXTENSIONS)
+    check_file(path, flag, CONLL_EXTENSIONS)
     where = f"{flag} '{path}'"
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            lines = fh.read().split("\n")  # not splitlines(): U+0085 and friends may be tokens
-    except UnicodeDecodeError as err:
-        raise UserError(f"{where} is not UTF-8 text (bad byte at position {err.start}); re-save it as UTF-8.") from None
+    lines = read_text(path, flag, encoding).split("\n")  # not splitlines(): U+0085 and friends may be tokens
     blocks: list[tuple[int, list[tuple[int, list[str]]]]] = []  # (first line, [(line no, columns)])
     current: list[tuple[int, list[str]]] = []
     for number, line in enumerate(lines, start=1):
@@ -103,22 +105,95 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
     return out
 
 
+def is_word_per_row_table(path: str, flag: str, encoding: str, sentence_id_column: Optional[str]) -> bool:
+    """A .tsv with a header naming a sentence-id column (or any .tsv when --sentence_id_column is given) is
+    a one-word-per-row table, not a CoNLL column file (which has no header)."""
+    if sentence_id_column:
+        return True
+    cells = [c.strip() for c in first_line(path, flag, encoding).split("\t")]
+    return any(c in SENTENCE_ID_COLUMNS for c in cells)
+
+
 def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tags_column: Optional[str],
-                         labelled_required: bool) -> Sentences:
-    """csv/json/jsonl/parquet with one sentence per row: a token column (a list, or a string split on
-    whitespace) and a tag column (a list, a list literal such as "['O', 'B-geo']", or space-separated tags)."""
-    D.check_file(path, flag, TABLE_EXTENSIONS)
-    df = D.read_table(path, flag)
+                         labelled_required: bool, sentence_id_column: Optional[str] = None, encoding: str = "utf-8",
+                         column_names: Optional[Sequence[str]] = None) -> Sentences:
+    """A table (csv/tsv/json/jsonl/parquet) with one sentence per row -- a token column (a list, or a string
+    split on whitespace) and a tag column (a list, a list literal such as "['O', 'B-geo']", or space-separated
+    tags) -- or with one word per row and a sentence-id column (see `group_word_rows`)."""
+    check_file(path, flag, TABLE_EXTENSIONS + (".tsv",))
+    df = read_table(path, flag, encoding, column_names)
     where = f"{flag} '{path}'"
     columns = list(df.columns)
+    id_col = resolve_column(columns, sentence_id_column, SENTENCE_ID_COLUMNS, "--sentence_id_column", where,
+                            sentence_id_column is not None)
+    if id_col is not None and (sentence_id_column or _one_word_per_row(df, tokens_column)):
+        return group_word_rows(df, where, id_col, tokens_column, tags_column, labelled_required)
     tok_col = resolve_column(columns, tokens_column, TOKEN_COLUMNS, "--tokens_column", where, True)
     tag_col = resolve_column(columns, tags_column, TAG_COLUMNS, "--tags_column", where, labelled_required)
+    values = df[tok_col].tolist()
+    if len(values) > 1 and _single_words(values):
+        # Never read a one-word-per-row table as one-word sentences.
+        tagged = f", tags in '{tag_col}'" if tag_col else ""
+        raise UserError(f"{where} has one word per row (words in '{tok_col}'{tagged}) and no column saying which "
+                        "sentence each row belongs to, so every row would be a one-word sentence; name the "
+                        "sentence-id column with --sentence_id_column (e.g. 'Sentence #'), or give one sentence "
+                        "per row.")
     rows = [f"row {i + 1}" for i in range(len(df))]
-    tokens = [parse_tokens(v, where, r, tok_col) for v, r in zip(df[tok_col].tolist(), rows)]
+    tokens = [parse_tokens(v, where, r, tok_col) for v, r in zip(values, rows)]
     tags = None
     if tag_col is not None:
         tags = [parse_tags(v, where, r, tag_col) for v, r in zip(df[tag_col].tolist(), rows)]
     return Sentences(tokens, tags, rows, where)
+
+
+def _single_words(values) -> bool:
+    return all(is_missing(v) or (isinstance(v, str) and len(split_words(v)) == 1) for v in values)
+
+
+def _one_word_per_row(df, tokens_column: Optional[str]) -> bool:
+    """A recognised sentence-id column goes with one word per row only if the word column holds single words
+    (a table with one sentence per row may carry a 'Sentence #' column too)."""
+    if tokens_column is not None:
+        return tokens_column in df.columns and _single_words(df[tokens_column].tolist())
+    found = [c for c in WORD_COLUMNS if c in df.columns]
+    return len(found) == 1 and _single_words(df[found[0]].tolist())
+
+
+def group_word_rows(df, where: str, id_col: str, tokens_column: Optional[str], tags_column: Optional[str],
+                    labelled_required: bool) -> Sentences:
+    """One word per row, rows grouped into sentences by the sentence-id column: the id may be given on every
+    row or only on a sentence's first row (blank below, as in the Kaggle/GMB `ner_dataset.csv`). Sentences
+    keep file order; a sentence's rows must be contiguous. Other columns (POS, ...) are ignored."""
+    columns = [c for c in df.columns if c != id_col]
+    word_col = resolve_column(columns, tokens_column, WORD_COLUMNS, "--tokens_column", where, True)
+    tag_col = resolve_column([c for c in columns if c != word_col], tags_column, TAG_COLUMNS, "--tags_column",
+                             where, labelled_required)
+    ids, words = df[id_col].tolist(), df[word_col].tolist()
+    tags = df[tag_col].tolist() if tag_col is not None else None
+    if is_missing(ids[0]):
+        raise UserError(f"{where}, row 1: the sentence-id column '{id_col}' is empty on the first row; each "
+                        "sentence's first row must name its sentence.")
+    out = Sentences([], [] if tags is not None else None, [], where)
+    seen: dict = {}
+    current, start = None, 0
+    for i, raw in enumerate(ids + [None]):  # a sentinel closes the last sentence
+        sid = None if i < len(ids) and is_missing(raw) else raw  # blank: the sentence goes on
+        if i < len(ids) and (sid is None or sid == current):
+            continue
+        if current is not None:
+            out.tokens.append(["" if is_missing(w) else str(w) for w in words[start:i]])
+            if tags is not None:
+                out.tags.append([str(t).strip() if not is_missing(t) else "" for t in tags[start:i]])
+            out.rows.append(f"sentence {str(current)!r} (rows {start + 1}-{i})")
+        if i == len(ids):
+            break
+        if sid in seen:
+            raise UserError(f"{where}, row {i + 1}: sentence id {str(sid)!r} (column '{id_col}') already began a "
+                            f"sentence at row {seen[sid]}; the rows of a sentence must be contiguous (sort the file "
+                            "by sentence, keeping the word order).")
+        current, start = sid, i
+        seen[sid] = i + 1
+    return out
 
 
 def from_dataset(ds, where: str, tokens_column: Optional[str], tags_column: Optional[str],
@@ -178,7 +253,7 @@ def _as_list(value) -> Optional[list]:
 def parse_tokens(value, where: str, row: str, column: str) -> list:
     items = _as_list(value)
     if items is None:
-        if D.is_missing(value):
+        if is_missing(value):
             return []
         if not isinstance(value, str):
             raise UserError(f"{where}, {row}: token column '{column}' holds {type(value).__name__} {value!r}; "
@@ -192,7 +267,7 @@ def parse_tags(value, where: str, row: str, column: str) -> list:
     items = _as_list(value)
     if items is not None:
         return items
-    if D.is_missing(value):
+    if is_missing(value):
         return []
     if not isinstance(value, str):
         raise UserError(f"{where}, {row}: tag column '{column}' holds {type(value).__name__} {value!r}; "
@@ -280,6 +355,17 @@ def _tag_names(raw: list, names: Optional[list], allowed: Optional[set], pattern
             return None, f"{where}, {row}: tag '{tag}' is not in {kind} form"
         tags.append(tag)
     return tags, None
+
+
+def model_labels(config, tags: list, allow_unseen: bool) -> list:
+    """--no_do_train: the model's tags in id order; tags of the data it does not know are an error (or, with
+    --allow_unseen_labels, scored as gold entities it cannot find)."""
+    labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+    unknown = sorted({t for sentence in tags for t in sentence} - set(labels))
+    if unknown and not allow_unseen:
+        raise UserError(f"the data has tags {unknown[:10]} that the model does not know (its tags: {labels}); fix the "
+                        "tags or pass --allow_unseen_labels to score them as missed entities.")
+    return labels
 
 
 def inside_tag(tag: str) -> str:

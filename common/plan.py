@@ -41,9 +41,16 @@ def plan_runs(args: TrainArguments) -> list[PlannedRun]:
 
 
 def check_plan(args: TrainArguments, task_name: str, supports_kfold: bool) -> None:
-    """Settings that cannot go together with a multi-run plan (checked before anything is written)."""
+    """Settings that cannot go together (checked before anything is written)."""
+    if args.push_to_hub and not args.do_train:
+        raise UserError("--push_to_hub uploads a model trained by this run; drop it with --no_do_train.")
     if not args.is_repeated():
         return
+    if args.push_to_hub:
+        raise UserError("--push_to_hub uploads one model; a multi-run job (--seeds/--num_runs/--kfold) trains several: "
+                        "run the chosen configuration once with --push_to_hub.")
+    if not args.do_train:
+        raise UserError("--no_do_train evaluates one model; drop --seeds/--num_runs/--kfold.")
     if args.resume_from_checkpoint:
         raise UserError("--resume_from_checkpoint is for single runs; a multi-run job (--seeds/--num_runs/--kfold) "
                         "continues by itself when restarted with the same command.")

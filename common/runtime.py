@@ -86,10 +86,30 @@ def _trackers(report_to: Optional[str]):
     return "all" if report_to == "all" else [t.strip() for t in report_to.split(",") if t.strip()]
 
 
+def check_trackers(report_to: Optional[str]) -> None:
+    """A tracker asked for must be able to start: accelerate would only warn and train without it."""
+    names = _trackers(report_to)
+    if names is None or names == "all":
+        return
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"--report_to '{name}' is not a tracker accelerate knows; use none, all, or a comma "
+                            f"list of {', '.join(LOGGER_TYPE_TO_CLASS)}.")
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            package = {"comet_ml": "comet-ml"}.get(name, name)
+            raise UserError(f"--report_to {name}: the {name} package is not installed, so nothing would be "
+                            f"tracked; `pip install {package}`, or drop --report_to.")
+
+
 def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
     """Create the Accelerator, making sure a multi-process launch really gets several ranks."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+
+    check_trackers(args.report_to)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from . import plots, reporting
-from .build import build_training, eval_loader
+from . import hub, plots, reporting
+from .build import build_training, eval_batch_size, eval_loader
 from .collate import PadCollator, length_sorted, pad_multiple
 from .config import to_jsonable
 from .errors import EXIT_PREEMPTED, UserError
+from .evaluation import evaluate
 from .log import logger
 from .loop import CKPT_DIR, Preempted, Trainer
 from .models import check_max_length, load_config, load_tokenizer
+from .predictions import stream_predictions
 from .runtime import peak_rss_mb, setup_info
-from .task import BuiltModel, Context, Objective, PreparedData, Task
+from .task import BuiltModel, Context, Objective, PreparedData, Task, write_predictions
 
 
 @dataclass
@@ -43,10 +45,20 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     t0 = time.perf_counter()
     ctx.tokenizer = load_tokenizer(ctx.model_args, **task.tokenizer_kwargs(ctx.model_args))
     ctx.model_config = load_config(ctx.model_args)
+    archs = getattr(ctx.model_config, "architectures", None) or []
+    if not args.do_train and task.head and not any(a.endswith(task.head) for a in archs):
+        raise UserError(f"--model '{ctx.model_args.model}' is a {', '.join(archs) or 'bare'} checkpoint, not a trained "
+                        f"*{task.head} model: --no_do_train needs a model fine-tuned for this task (e.g. an output "
+                        "folder of this script), or drop --no_do_train to train it.")
     check_max_length(ctx.data_args.max_length, ctx.model_config)
     t_data = time.perf_counter()
     data = task.load_data(ctx)
     ctx.timings["load_and_tokenize_seconds"] = time.perf_counter() - t_data
+    data.eval = data.eval if args.do_eval else None
+    data.test = data.test if args.do_predict else None
+    if not args.do_train and data.eval is None and data.test is None:
+        raise UserError("--no_do_train with nothing to do: pass --validation_file (with --do_eval) or --test_file "
+                        "(with --do_predict).")
     if data.eval is None and args.eval_steps is not None:
         raise UserError("--eval_steps was given but there is no evaluation data; pass --validation_file or "
                         "--validation_split > 0.")
@@ -70,6 +82,8 @@ def run_single(task: Task, ctx: Context) -> dict:
     t0 = time.perf_counter()
     inputs = prepare_run(task, ctx)
     data = inputs.data
+    if not args.do_train:
+        return evaluate_only(task, ctx, inputs, t0)
 
     # Output folder: created (or cleared) only now that data and model loaded without error.
     resume = ckpt.resolve_resume(args.resume_from_checkpoint, os.path.join(args.output_dir, CKPT_DIR))
@@ -119,10 +133,68 @@ def run_single(task: Task, ctx: Context) -> dict:
     if accelerator.is_main_process:
         write_outputs(task, ctx, data, results, trainer.metric)
     trainer.cleanup_best()
+    if ctx.hub_repo and accelerator.is_main_process:
+        logger.info("uploaded %s to %s", args.output_dir, hub.push(args, ctx.hub_repo))
+    accelerator.wait_for_everyone()
     summary = " ".join(f"{split}_{k}={v:.4f}" for split in ("eval", "test") for k, v in results.get(split, {}).items()
                        if isinstance(v, float))
     logger.info("done in %.1f s (train %.1f s): %s", results["timing"]["total_seconds"], trainer.state.train_seconds,
                 summary)
+    return results
+
+
+def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dict:
+    """--no_do_train: evaluate and/or predict with the model as it is. Labelled splits are evaluated exactly as
+    at the end of training (same order, batches and metrics); unlabelled ones are predicted in file order and
+    streamed to the predictions file."""
+    args, acc, data = ctx.args, ctx.accelerator, inputs.data
+    new = [k for k in inputs.built.new_weights if not k.endswith("position_ids")]
+    if new:
+        raise UserError(f"--model '{ctx.model_args.model}' has no trained weights for {', '.join(new[:4])}"
+                        f"{' ...' if len(new) > 4 else ''}: --no_do_train needs a model fine-tuned for this task (e.g. "
+                        "an output folder of this script), or drop --no_do_train to train it.")
+    reporting.start_output_dir(args.output_dir, args.overwrite_output_dir, False, acc.is_main_process)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        reporting.save_resolved_config(args.output_dir, to_jsonable(ctx.model_args, ctx.data_args, args))
+    model = acc.prepare(inputs.built.model)
+    batch_size = eval_batch_size(args, acc.device)
+    results: dict = {}
+    for split, dataset in (("eval", data.eval), ("test", data.test)):
+        if dataset is None:
+            continue
+        started = time.perf_counter()
+        if "labels" in dataset.column_names:  # evaluated as after training: length-sorted, all outputs kept
+            loader = acc.prepare(eval_loader(length_sorted(dataset), batch_size, inputs.collator, args))
+            outcome = evaluate(model, inputs.objective, loader, acc)
+            results[split] = outcome.metrics | {"num_examples": outcome.num_examples}
+            if acc.is_main_process:
+                write_predictions(task, ctx, data, split, outcome.outputs)
+        else:  # predicted in file order, each gathered batch written as it comes
+            writer = task.prediction_writer(ctx, data, split) if acc.is_main_process else None
+            loader = acc.prepare(eval_loader(dataset, batch_size, inputs.collator, args))
+            try:
+                rows = stream_predictions(model, inputs.objective, loader, acc, writer)
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+            if writer is not None:
+                writer.close()
+            results[split] = {"num_examples": rows}
+        seconds = time.perf_counter() - started
+        results[split]["predictions_per_second"] = results[split]["num_examples"] / seconds if seconds > 0 else None
+    timing = {**ctx.timings, "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    results.update(timing=timing, data=data.info, model={"base_model": ctx.model_args.model, "trained_here": False},
+                   setup=setup_info(ctx.runtime) | {"eval_batch_size": batch_size,
+                                                    "pad_to_multiple_of": inputs.pad_multiple})
+    if acc.is_main_process:
+        draw_run_plots(args.output_dir, inputs.objective.default_metric, results, ctx.run_name)
+        reporting.write_json(os.path.join(args.output_dir, reporting.RESULTS), results)
+    acc.wait_for_everyone()
+    summary = " ".join(f"{split}_{k}={v:.4f}" for split in ("eval", "test") for k, v in results.get(split, {}).items()
+                       if isinstance(v, float))
+    logger.info("evaluated without training in %.1f s: %s", timing["total_seconds"], summary)
     return results
 
 
@@ -141,7 +213,7 @@ def final_evaluation(task: Task, ctx: Context, data: PreparedData, trainer: Trai
             outcome = trainer.evaluate(ctx.accelerator.prepare(loader))
         results[split] = outcome.metrics | {"num_examples": outcome.num_examples}
         if ctx.accelerator.is_main_process:
-            task.write_predictions(ctx, data, split, outcome.outputs)
+            write_predictions(task, ctx, data, split, outcome.outputs)
     return results
 
 

@@ -12,12 +12,13 @@ order, the loop, evaluation, checkpoints, outputs, repeated runs) is shared.
 | `data_arguments` | required | parsing: the script's data settings dataclass | all |
 | `supports_kfold` | False | before anything: `--kfold` refused when False | all |
 | `eval_before_training` | False | before the first step: evaluate the starting weights | all |
+| `head` | "" | --no_do_train: the model class suffix a trained model must have | all |
 | `tokenizer_kwargs(model_args)` | `{}` | loading the tokenizer | all |
 | `load_data(ctx)` | required | after tokenizer and config; returns `PreparedData` | all (main first for caches) |
 | `build_model(ctx, data)` | required | after data, seeded; returns `BuiltModel` | all |
 | `objective(ctx, data, built)` | required | after the model; returns the `Objective` | all |
 | `collator(ctx, data, base)` | `base` | after the objective: batch building | all |
-| `write_predictions(ctx, data, split, outputs)` | nothing | after the final evaluation of each split | main |
+| `prediction_writer(ctx, data, split)` | None | predicting a split: a `PredictionWriter` (row order) | main |
 | `after_save(ctx, data, built, output_dir)` | `{}` | after the model is saved; returns results.json entries | main |
 | `extra_results(ctx, data, built, results, trainer)` | `{}` | before results.json is written | all |
 | `model_card(ctx, data)` | no labels, generic example | writing README.md | main |
@@ -38,6 +39,7 @@ order, the loop, evaluation, checkpoints, outputs, repeated runs) is shared.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -56,6 +58,7 @@ class Context:
     timings: dict = field(default_factory=dict)
     split: Any = None             # plan.SplitPlan of a multi-run job (split seed, k-fold, held-out fold)
     run_name: str = ""
+    hub_repo: Optional[str] = None  # --push_to_hub: the repository checked before training
 
     @property
     def accelerator(self):
@@ -117,6 +120,7 @@ class Task:
     data_arguments: type = object
     supports_kfold: bool = False
     eval_before_training: bool = False
+    head: str = ""  # the model class suffix of a trained model of this task (--no_do_train checks it)
 
     def tokenizer_kwargs(self, model_args) -> dict:
         return {}
@@ -133,8 +137,8 @@ class Task:
     def collator(self, ctx: Context, data: PreparedData, base):
         return base
 
-    def write_predictions(self, ctx: Context, data: PreparedData, split: str, outputs: dict) -> None:
-        pass
+    def prediction_writer(self, ctx: Context, data: PreparedData, split: str) -> Optional["PredictionWriter"]:
+        return None
 
     def after_save(self, ctx: Context, data: PreparedData, built: BuiltModel, output_dir: str) -> dict:
         return {}
@@ -144,6 +148,44 @@ class Task:
 
     def model_card(self, ctx: Context, data: PreparedData) -> dict:
         return {"labels": None, "example": "print(pipe('...'))"}
+
+
+class PredictionWriter:
+    """Writes a predictions file from gathered evaluation outputs, batch by batch (`add`, rows of a batch in
+    any order; for streaming, batches in file order), into a temporary file renamed into place by `close`."""
+
+    def __init__(self, path: str):
+        import tempfile
+
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                                        suffix=os.path.basename(path))
+        self.fh = os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def add(self, outputs: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.fh.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def write_predictions(task: Task, ctx: Context, data: PreparedData, split: str, outputs: dict) -> None:
+    """All outputs of a split at once (after an evaluation), through the task's writer."""
+    writer = task.prediction_writer(ctx, data, split)
+    if writer is None:
+        return
+    try:
+        writer.add(outputs)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def model_inputs(batch: dict, keys=("input_ids", "attention_mask", "token_type_ids")) -> dict:
