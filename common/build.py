@@ -40,6 +40,7 @@ class Training:
     warmup_steps: int
     logging_steps: int
     items_per_step: Optional[float]  # fixed loss denominator (token tasks, length-grouped), else None
+    sharding: Optional[dict] = None  # FSDP: its settings and the parameters each process holds
 
 
 def build_optimizer(model, args: TrainArguments, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
@@ -68,6 +69,93 @@ def build_optimizer(model, args: TrainArguments, device: torch.device) -> tuple[
         kw.pop("fused", None)
         kw["foreach"] = True
         return torch.optim.AdamW(groups, **kw), "adamw_torch_foreach"
+
+
+def check_fsdp_model(model, accelerator) -> None:
+    """Refuse, before any file is written, a model accelerate's FSDP2 wrapping would break.
+
+    accelerate (fsdp2_prepare_model) gives each layer class in fsdp_transformer_layer_cls_to_wrap its
+    own fully_shard group, the input and output embeddings one group when their weights are tied, and
+    everything else the root group. PyTorch lets a parameter live in one group only (torch >= 2.13
+    raises at the first forward; older versions would shard two copies), so a parameter registered
+    under two modules of different groups cannot be trained: BERT's MLM head registers its decoder
+    bias as both cls.predictions.bias (root group) and cls.predictions.decoder.bias (embeddings group)."""
+    if accelerator.distributed_type != "FSDP":
+        return
+    plugin = accelerator.state.fsdp_plugin
+    wrap = plugin.transformer_cls_names_to_wrap
+    classes = {type(m).__name__ for m in model.modules()}
+    if wrap is not None and not set(wrap) <= classes:
+        own = ", ".join(sorted(getattr(model, "_no_split_modules", None) or [])) or "none declared"
+        raise UserError(f"the accelerate config's fsdp_transformer_layer_cls_to_wrap names {', '.join(sorted(wrap))}, "
+                        f"which {type(model).__name__} does not have (its blocks: {own}); name the model's "
+                        "transformer layer class there (BertLayer, RobertaLayer, ...).")
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = inp is not None and out is not None and getattr(inp, "weight", None) is getattr(out, "weight", 0)
+
+    def group(module_name: str) -> str:
+        parts = module_name.split(".") if module_name else []
+        for i in range(len(parts), 0, -1):  # the nearest wrapped module, this one included
+            name = ".".join(parts[:i])
+            sub = model.get_submodule(name)
+            if type(sub).__name__ in (wrap or ()):
+                return name
+            if sub is out or (sub is inp and tied):
+                return "output (and tied input) embeddings"
+            if sub is inp:
+                return "input embeddings"
+        return "root"
+
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for names in owners.values():
+        if len(names) > 1 and len({group(n.rpartition(".")[0]) for n in names}) > 1:
+            raise UserError(f"accelerate's FSDP cannot shard {type(model).__name__}: its parameter {names[0]} is also "
+                            f"registered as {', '.join(names[1:])}, and accelerate puts these names in different "
+                            "fully_shard groups, which PyTorch does not allow; train it with "
+                            "accelerate_configs/multi_gpu.yaml (DDP) instead.")
+
+
+def materialise_meta_parameters(model, accelerator) -> int:
+    """Give parameters left on the meta device uninitialised CPU storage; returns how many there were.
+
+    Under FSDP's RAM-efficient loading (fsdp_cpu_ram_efficient_loading) transformers leaves the weights
+    that are not in the checkpoint (our new heads) on the meta device on every rank but local rank 0;
+    prepare() then broadcasts rank 0's values into the shards. accelerate maps the optimizer's
+    parameters to the sharded ones by storage address, which all meta tensors share (0): the optimizer
+    of those ranks would then hold one parameter many times and never update the others. Distinct
+    storage (never read: untouched pages cost no RAM) keeps the mapping right; ties are kept."""
+    meta = {id(p): p for p in model.parameters() if p.is_meta}
+    if not meta:
+        return 0
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type != "FSDP" or not getattr(plugin, "cpu_ram_efficient_loading", False):
+        raise RuntimeError(f"{len(meta)} parameters are on the meta device but nothing will broadcast their values")
+    real: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                if id(param) not in real:
+                    real[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                         requires_grad=param.requires_grad)
+                setattr(module, name, real[id(param)])
+    return len(meta)
+
+
+def fsdp_summary(model, accelerator) -> Optional[dict]:
+    """Collective under FSDP: its settings and the parameter elements each process holds (its shards);
+    None otherwise. results.json shows it, so a sharded run can be told from a replicated one."""
+    if accelerator.distributed_type != "FSDP":
+        return None
+    plugin = accelerator.state.fsdp_plugin
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    per_process = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
+    reshard = plugin.reshard_after_forward
+    return {"version": plugin.fsdp_version, "state_dict_type": str(plugin.state_dict_type).split(".")[-1],
+            "reshard_after_forward": reshard if isinstance(reshard, (bool, int)) else str(reshard),
+            "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading),
+            "parameters": sum(p.numel() for p in model.parameters()), "parameters_per_process": per_process}
 
 
 def install_fast_dropout(model, args: TrainArguments, device: torch.device) -> Optional[dict]:
@@ -99,6 +187,7 @@ def build_training(objective, model, args: TrainArguments, accelerator, train_da
                           num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda")
     eval_bs = eval_batch_size(args, device)
     eval_dl = eval_loader(eval_dataset, eval_bs, collator, args) if eval_dataset is not None else None
+    materialise_meta_parameters(model, accelerator)
     fast_dropout = install_fast_dropout(model, args, device)
     optimizer, implementation = build_optimizer(model, args, device)
     if eval_dl is not None:
@@ -106,6 +195,7 @@ def build_training(objective, model, args: TrainArguments, accelerator, train_da
     else:
         model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     objective.after_prepare(accelerator.unwrap_model(model))
+    sharding = fsdp_summary(model, accelerator)
 
     # Schedule lengths in optimizer steps, computed on the *prepared* (sharded) dataloader.
     batches_per_epoch = len(train_dl)
@@ -134,4 +224,4 @@ def build_training(objective, model, args: TrainArguments, accelerator, train_da
                     batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch,
                     total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
                     warmup_steps=warmup_steps, logging_steps=args.logging_steps or max(1, min(50, total_steps // 40)),
-                    items_per_step=items_per_step)
+                    items_per_step=items_per_step, sharding=sharding)

@@ -39,6 +39,7 @@ class TrainerState:
     identity: dict = field(default_factory=dict)  # model/task/labels: refuse resuming into a different run
     scheduler: dict = field(default_factory=dict)  # LR scheduler position (JSON, no pickle)
     initial_eval: dict = field(default_factory=dict)  # metrics of the weights before training (if measured)
+    state_format: str = ""          # how save_state laid out model/optimizer: "" (plain) or "FSDP <state dict type>"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -49,6 +50,18 @@ class TrainerState:
             data = json.load(fh)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def state_format(accelerator) -> str:
+    """How accelerate's save_state lays out the model and optimizer, which a resume must match: ""
+    (one process or DDP: full tensors) or "FSDP FULL_STATE_DICT" / "FSDP SHARDED_STATE_DICT"."""
+    if accelerator.distributed_type == "FSDP":
+        return "FSDP " + str(accelerator.state.fsdp_plugin.state_dict_type).split(".")[-1]
+    return ""
+
+
+def describe_format(fmt: str) -> str:
+    return fmt or "plain (one process or DDP)"
 
 
 def _fsync_tree(path: str) -> None:

@@ -34,10 +34,27 @@ def evaluate(model, objective, dataloader, accelerator) -> EvalResult:
             for key, value in outs.items():
                 chunks.setdefault(key, []).append(value.float().cpu().numpy() if value.is_floating_point()
                                                   else value.cpu().numpy())
+    reshard(model)
     if was_training:
         model.train()
     outputs = {k: concat(v, objective.eval_pad_values.get(k, 0)) for k, v in chunks.items()}
     return EvalResult(objective.compute_metrics(outputs), outputs)
+
+
+def reshard(model) -> None:
+    """Give FSDP2 modules their sharded parameters back after evaluation.
+
+    A module that does not reshard after forward (accelerate's FSDP2 root, which holds the embeddings,
+    pooler and head of these encoders) keeps its parameters gathered until a backward: after an
+    evaluation they would stay full, plain tensors, and the next checkpoint save/load (which expects
+    the sharded DTensors the optimizer holds) fails. No-op without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def concat(arrays: list[np.ndarray], pad) -> np.ndarray:

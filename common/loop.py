@@ -88,7 +88,8 @@ class Trainer:
         self.log_fn = log_fn or (lambda record: None)
         self.metric = args.metric_for_best_model or objective.default_metric
         self.greater = args.greater_is_better if args.greater_is_better is not None else greater_is_better(self.metric)
-        self.state = ckpt.TrainerState(num_processes=accelerator.num_processes, identity=identity)
+        self.state = ckpt.TrainerState(num_processes=accelerator.num_processes, identity=identity,
+                                       state_format=ckpt.state_format(accelerator))
         self.history: list[dict] = []
         self.last_eval: Optional[tuple[int, EvalResult]] = None  # (step, result) of the latest evaluation
         self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
@@ -188,8 +189,9 @@ class Trainer:
         items = sum(self.objective.count_items(b) for b in window).to(torch.float64)
         if acc.num_processes > 1:
             items = acc.reduce(items, reduction="sum")
-        # backward() divides by the accumulation steps and DDP averages over processes: undo both and
-        # divide by the items of the whole window on all processes, so every item weighs the same.
+        # backward() divides by the accumulation steps and DDP (or FSDP's reduce-scatter) averages over
+        # processes: undo both and divide by the items of the whole window on all processes, so every
+        # item weighs the same.
         denominator = items.clamp(min=1) if self._fixed_items is None else self._fixed_items
         scale = (acc.gradient_accumulation_steps * acc.num_processes) / denominator
         window_loss = torch.zeros((), device=acc.device, dtype=torch.float64)
@@ -327,6 +329,10 @@ class Trainer:
                 raise UserError(f"--resume_from_checkpoint '{path}' belongs to a different run ({key} is "
                                 f"{saved.identity[key]!r} there, {value!r} now); resume with the same settings "
                                 "or start a new output_dir.")
+        if saved.state_format != self.state.state_format:
+            raise UserError(f"--resume_from_checkpoint '{path}' holds {ckpt.describe_format(saved.state_format)} "
+                            f"state and this run expects {ckpt.describe_format(self.state.state_format)}; resume it "
+                            "with the accelerate config that wrote it (the number of processes may differ).")
         try:
             self.accelerator.load_state(path)
         except Exception as err:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import engines
 from .config import TrainArguments
 from .errors import UserError
 from .log import logger
@@ -105,7 +106,8 @@ def check_trackers(report_to: Optional[str]) -> None:
 
 
 def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
-    """Create the Accelerator, making sure a multi-process launch really gets several ranks."""
+    """Create the Accelerator, making sure a multi-process launch really gets several ranks and that
+    FSDP, DeepSpeed, XLA or a device asked for by the launch is given or refused (engines.py)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
@@ -113,7 +115,14 @@ def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if world > 1 and not use_cpu and not _accelerator_device_available():
+    request = engines.read_request()
+    on_cpu = use_cpu or not _accelerator_device_available()
+    engines.check(request, on_cpu)  # before any process group: a refusal leaves nothing behind
+    fsdp_cpu = engines.fsdp_on_cpu(request, on_cpu)
+    if fsdp_cpu and "LOCAL_RANK" not in os.environ:
+        raise UserError("the environment asks for FSDP (ACCELERATE_USE_FSDP=true) but this process was not started "
+                        f"by a launcher; use `accelerate launch --config_file {engines.CPU_SHARDING} ...`.")
+    if on_cpu and (world > 1 or fsdp_cpu):
         # accelerate sets up gloo only for cpu=True; otherwise each rank would train alone.
         use_cpu = True
     try:
@@ -134,6 +143,7 @@ def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
         # cuDNN's attention builds a new graph for every new sequence length; with dynamic padding
         # that made bf16 training several times slower than fp32 on an H100. Flash/efficient SDPA don't.
         torch.backends.cuda.enable_cudnn_sdp(False)
+    fsdp_plugin = _fsdp_plugin() if fsdp_cpu else None
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,
@@ -146,8 +156,41 @@ def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
         # batch), and a static first graph would be compiled, thrown away and compiled again as dynamic
         # at the second length (measured: 22 s + 28 s on an H100 for MiniLM; now one compile).
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if args.torch_compile else None,
+        fsdp_plugin=fsdp_plugin,
     )
+    if fsdp_plugin is not None:
+        use_fsdp_on_cpu_ranks(accelerator, fsdp_plugin)
     return Runtime(accelerator, why)
+
+
+def _fsdp_plugin():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()  # every setting from the launcher's FSDP_* variables
+
+
+def use_fsdp_on_cpu_ranks(accelerator, plugin) -> None:
+    """Make accelerate's FSDP engine drive these CPU (gloo) ranks.
+
+    accelerate's AcceleratorState switches to FSDP only for GPU-like distributed types (its
+    `elif self.distributed_type in [DistributedType.MULTI_GPU, ...]` branch leaves MULTI_CPU alone),
+    although PyTorch's fully_shard runs on CPU over gloo. This does what that branch does: the
+    distributed type becomes FSDP and the plugin (with the mixed precision policy) is attached;
+    prepare, clipping, no_sync, save/load_state and get_state_dict then take accelerate's own FSDP2
+    paths. tests/test_architecture.py fails if accelerate changes what this relies on."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP:  # accelerate did it itself
+        return
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(f"FSDP on CPU ranks expected a MULTI_CPU state, got {state.distributed_type}")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def set_sync_gradients(accelerator, sync: bool) -> None:

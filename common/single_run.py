@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import hub, plots, reporting
-from .build import build_training, eval_batch_size, eval_loader
+from .build import build_training, check_fsdp_model, eval_batch_size, eval_loader
 from .collate import PadCollator, length_sorted, pad_multiple
 from .config import to_jsonable
 from .errors import EXIT_PREEMPTED, UserError
@@ -68,6 +68,7 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
         data.test = data.test.select(range(min(cap, len(data.test)))) if data.test is not None else None
     set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
     built = task.build_model(ctx, data)
+    check_fsdp_model(built.model, ctx.accelerator)
     ctx.timings["tokenizer_and_model_seconds"] = time.perf_counter() - t0 - ctx.timings["load_and_tokenize_seconds"]
     multiple = pad_multiple(args, ctx.accelerator)
     static = ctx.accelerator.distributed_type == "XLA" or args.pad_to_max_length
@@ -245,6 +246,9 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
               "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
               "first_step_seconds": trainer.first_step_seconds, "final_eval_seconds": eval_seconds,
               "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    if ctx.accelerator.num_processes > 1:  # collective: every process's peak (sharding shows here)
+        rss = ctx.accelerator.gather(torch.tensor([timing["peak_rss_mb"]], device=ctx.accelerator.device))
+        timing["peak_rss_mb_per_process"] = [round(float(x), 1) for x in rss.tolist()]
     if args.torch_compile:  # graphs compiled by dynamo: a handful, not one per batch shape
         from torch._dynamo.utils import counters
 
@@ -258,6 +262,8 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
         "pad_to_multiple_of": inputs.pad_multiple,
         "loss_items_per_step": t.items_per_step,  # set: the fixed per-step denominator (token tasks, grouped)
         "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+    if t.sharding:
+        setup["fsdp"] = t.sharding
     out = {"train": train, "timing": timing, "setup": setup, "data": data.info,
            "model": {"base_model": ctx.model_args.model, "newly_initialised": inputs.built.new_weights}}
     if st.initial_eval:

@@ -122,3 +122,40 @@ def test_set_sync_gradients_still_drives_accelerate():
         assert acc.sync_gradients is True
     finally:
         reset_accelerate_state()
+
+
+def test_fsdp_on_cpu_ranks_still_takes_accelerates_fsdp2_path(monkeypatch):
+    """runtime.use_fsdp_on_cpu_ranks makes accelerate's FSDP engine drive CPU (gloo) ranks by doing what
+    AcceleratorState does for GPUs. If accelerate changes that state (or starts doing it itself), this
+    tells: the distributed type, the FSDP2 switch, and prepare() returning sharded (DTensor) parameters
+    in both the model and the optimizer."""
+    import socket
+
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    from common.runtime import reset_accelerate_state, shutdown, use_fsdp_on_cpu_ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                       "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}.items():
+        monkeypatch.setenv(key, value)
+    reset_accelerate_state()
+    plugin = FullyShardedDataParallelPlugin()
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    try:
+        use_fsdp_on_cpu_ranks(acc, plugin)
+        assert acc.distributed_type == DistributedType.FSDP and acc.is_fsdp2
+        assert PartialState().distributed_type == DistributedType.FSDP and acc.device.type == "cpu"
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters()))
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        assert all(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+    finally:
+        shutdown(acc)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import train_cls
 from conftest import ROOT, run_script
@@ -47,9 +48,9 @@ def test_every_accelerate_config_loads(path):
     assert config.mixed_precision in ("no", "fp16", "bf16")
 
 
-def check_against_single(one, out, processes):
+def check_against_single(one, out, processes, distributed_type="MULTI_CPU"):
     res = json.loads((out / "results.json").read_text())
-    assert res["setup"]["num_processes"] == processes and res["setup"]["distributed_type"] == "MULTI_CPU"
+    assert res["setup"]["num_processes"] == processes and res["setup"]["distributed_type"] == distributed_type
     # 240 training rows, batch 8: 30 batches on 1 process, 15 per process on 2
     assert one["train"]["global_step"] == 30 and res["train"]["global_step"] == 15
     assert res["eval"]["num_examples"] == one["eval"]["num_examples"] == 61
@@ -99,6 +100,92 @@ def test_multi_gpu_launch_without_gpus_gives_two_real_ranks(tiny_model, sentimen
     # 8 steps x 2 processes x 8 = 128 samples seen -> 16 of 30 one-process batches done, 14 left
     assert res["train"]["global_step"] == 8 + 14
     assert res["eval"]["num_examples"] == 61
+
+
+def launch_2(tiny_model, sentiment_files, out, args, *launcher_args, config="fsdp.yaml"):
+    """2 CPU ranks through an accelerate config (fsdp.yaml as shipped: FSDP2, RAM-efficient loading)."""
+    cmd = launch("--config_file", os.path.join(ROOT, "accelerate_configs", config), "--num_processes", "2",
+                 "--main_process_port", str(free_port()), *launcher_args, os.path.join(ROOT, "train_cls.py"),
+                 *data_args(tiny_model, sentiment_files, out), *args)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def saved_model_scores(out, sentiment_files):
+    """Load the saved model the way a user would (from_pretrained, no loading gaps) and score the
+    validation rows: (softmax probabilities in predictions_eval.csv order, rows, mean loss, accuracy)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    tok = AutoTokenizer.from_pretrained(out)
+    with open(out / "predictions_eval.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    enc = tok([r["sentence"] for r in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(**enc).logits
+    labels = torch.tensor([model.config.label2id[r["gold"]] for r in rows])
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    return logits.softmax(-1), rows, loss, accuracy
+
+
+def test_fsdp_on_two_cpu_ranks_shards_and_matches_one_process(tiny_model, sentiment_files, single_run, tmp_path):
+    """The FSDP config trains for real on CPU ranks: results.json says FSDP, each rank holds about half
+    of the parameters, evaluation sees every row once with the 1-process metrics, checkpoints are
+    written once, and the saved model is the full model the run evaluated (loadable, same scores)."""
+    out = tmp_path / "fsdp"
+    res = launch_2(tiny_model, sentiment_files, out, NEAR_FROZEN)
+    check_against_single(single_run, out, 2, distributed_type="FSDP")
+    fsdp = res["setup"]["fsdp"]
+    assert (fsdp["version"], fsdp["state_dict_type"], fsdp["cpu_ram_efficient_loading"]) == (2, "FULL_STATE_DICT",
+                                                                                           True)
+    total, per_rank = fsdp["parameters"], fsdp["parameters_per_process"]
+    print(f"\nFSDP parameters per rank: {per_rank} of {total}")
+    full_state = torch.load(out / "checkpoints" / "step_8" / "pytorch_model_fsdp.bin", weights_only=True)
+    assert total == sum(t.numel() for t in full_state.values())  # the full-state checkpoint: every parameter
+    assert sum(per_rank) == total and all(abs(n - total / 2) <= 0.01 * total for n in per_rank), per_rank
+    assert len(res["timing"]["peak_rss_mb_per_process"]) == 2
+
+    probs, rows, loss, accuracy = saved_model_scores(out, sentiment_files)
+    reported = [[float(r["prob_neg"]), float(r["prob_pos"])] for r in rows]
+    assert (probs - torch.tensor(reported)).abs().max() < 2e-6
+    assert loss == pytest.approx(res["eval"]["loss"], abs=1e-5) and accuracy == pytest.approx(res["eval"]["accuracy"])
+
+
+def test_fsdp_learns_like_ddp_and_resumes_exactly(tiny_model, sentiment_files, tmp_path):
+    """A learning FSDP run (sharded torch.distributed.checkpoint checkpoints) ends where DDP with the
+    same launch ends, and stopped at step 3 and resumed on 2 ranks it ends bit for bit where it ended
+    uninterrupted. Its checkpoints cannot be resumed without FSDP: refused in one sentence."""
+    from safetensors.torch import load_file
+
+    learn = ["--max_steps", "6", "--learning_rate", "1e-3", "--per_device_train_batch_size", "8",
+             "--checkpointing_steps", "3", "--eval_steps", "6", "--mixed_precision", "no"]
+    sharded = ("--fsdp_state_dict_type", "SHARDED_STATE_DICT")
+    full = launch_2(tiny_model, sentiment_files, tmp_path / "full", learn, *sharded)
+    assert full["setup"]["fsdp"]["state_dict_type"] == "SHARDED_STATE_DICT"
+    step_3 = tmp_path / "full" / "checkpoints" / "step_3"
+    assert sorted(os.listdir(step_3 / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = launch_2(tiny_model, sentiment_files, tmp_path / "resumed",
+                       learn + ["--resume_from_checkpoint", str(step_3)], *sharded)
+    ddp = launch_2(tiny_model, sentiment_files, tmp_path / "ddp", learn, config="multi_gpu.yaml")
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed", "ddp")}
+    start = load_file(os.path.join(tiny_model, "model.safetensors"))
+    a = weights["full"]
+    assert max((a[k] - start[k]).abs().max().item() for k in a if k in start) > 1e-3  # it did learn
+    assert max((a[k] - weights["resumed"][k]).abs().max().item() for k in a) == 0.0
+    assert resumed["eval"] == full["eval"] and resumed["train"]["global_step"] == 6
+    assert ddp["setup"]["distributed_type"] == "MULTI_CPU"
+    assert max((a[k] - weights["ddp"][k]).abs().max().item() for k in a) < 1e-6
+    assert full["eval"]["loss"] == pytest.approx(ddp["eval"]["loss"], abs=1e-6)
+
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="holds FSDP SHARDED_STATE_DICT state and this run expects plain"):
+        train_cls.main(data_args(tiny_model, sentiment_files, tmp_path / "plain") + learn +
+                       ["--resume_from_checkpoint", str(step_3)])
 
 
 def test_two_machines_on_loopback(tiny_model, sentiment_files, single_run, tmp_path):
