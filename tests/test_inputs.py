@@ -397,3 +397,39 @@ def test_push_to_hub_preflight_and_upload(tiny_model, sentiment_files, tmp_path,
     res = train_cls.main([*argv, "--output_dir", str(tmp_path / "mymodel"), "--hub_token", "hf_x"])
     assert res["train"]["global_step"] == 3
     assert calls == [("create", "someone/mymodel"), ("upload", "someone/mymodel", str(tmp_path / "mymodel"))]
+
+
+def test_ner_and_mlm_no_train_two_processes_equal_one(tiny_model, tmp_path):
+    """Streaming predictions stay in file order across processes; evaluation is exact (every row once)."""
+    from test_ner import write_conll
+
+    train = write_conll(tmp_path / "train.txt", ner_sentences(30))
+    ner(tiny_model, tmp_path / "n", "--train_file", train, "--validation_split", "0")
+    unlabelled = tmp_path / "words.txt"
+    sentences = ner_sentences(23, seed=7)
+    unlabelled.write_text("\n\n".join("\n".join(words) for words, _ in sentences) + "\n", encoding="utf-8")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(toy_sentence(random.Random(i), i % 2) for i in range(50)), encoding="utf-8")
+    runs = {}
+    for n in (1, 2):
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if n == 2 else None
+        for script, args in (("train_ner.py", ["--model", str(tmp_path / "n"), "--test_file", str(unlabelled),
+                                               "--per_device_eval_batch_size", "3"]),
+                             ("train_mlm.py", ["--model", str(tmp_path / "n"), "--validation_file", str(text),
+                                               "--max_length", "32", "--per_device_eval_batch_size", "3"])):
+            if script == "train_mlm.py":  # an MLM model to evaluate: a few steps of MLM from the tiny model
+                if n == 1:
+                    train_mlm.main(["--model", tiny_model, "--train_file", str(text), "--output_dir",
+                                    str(tmp_path / "m"), *STEPS, "--max_length", "32"])
+                args[1] = str(tmp_path / "m")
+            out = tmp_path / f"{script[:-3]}_{n}"
+            proc = run_script(script, [*args, "--no_do_train", "--output_dir", str(out)], launcher=launcher)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[script, n] = out
+    one, two = (runs["train_ner.py", n] / "predictions_test.conll" for n in (1, 2))
+    assert two.read_text() == one.read_text()
+    assert [b.split()[0] for b in one.read_text().strip().split("\n\n")] == [w[0] for w, _ in sentences]
+    ppl = [json.loads((runs["train_mlm.py", n] / "results.json").read_text())["eval"] for n in (1, 2)]
+    assert ppl[1]["masked_tokens"] == ppl[0]["masked_tokens"]
+    assert ppl[1]["perplexity"] == pytest.approx(ppl[0]["perplexity"], rel=1e-5)
