@@ -18,11 +18,16 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal, Optional, Sequence
+
+import numpy as np
 
 from common import inference as inf
 from common import onnx_export as ox
@@ -66,6 +71,9 @@ class ExportArguments:
     threads: Optional[int] = field(default=None, metadata={
         "help": "Threads of every backend (default: the CPUs this process may use)."})
     batch_size: int = field(default=32, metadata={"help": "Batch size of the throughput measurement."})
+    repeats: int = field(default=1, metadata={
+        "help": "Run the backends in turn this many times and keep each one's fastest measurements (for shared "
+                "or noisy machines)."})
     latency_samples: int = field(default=200, metadata={"help": "Examples timed one at a time (file order)."})
     max_seconds: float = field(default=120.0, metadata={
         "help": "Time limit of each timed phase of a backend; a slower backend is measured on part of the file "
@@ -84,7 +92,7 @@ class ExportArguments:
             raise UserError(f"--atol must be between 0 and 1, got {self.atol}.")
         if not 0 <= self.int8_min_agreement <= 1:
             raise UserError(f"--int8_min_agreement must be a fraction in [0, 1], got {self.int8_min_agreement}.")
-        for name in ("parity_samples", "batch_size", "latency_samples", "threads", "max_length"):
+        for name in ("parity_samples", "batch_size", "repeats", "latency_samples", "threads", "max_length"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if self.opset is not None and not 18 <= self.opset <= 23:
@@ -166,11 +174,17 @@ def read_data(a: ExportArguments, head: str, tok, names: list, config, settings:
 
 
 def parity_batches(data: inf.EvalSet, samples: int) -> list[dict]:
-    """Batches of 1, 2, 4, ... 32 examples (the dynamic axes exercised), `samples` examples in all."""
+    """Batches of 1, 2, 4, ... 32 examples (the dynamic axes exercised), `samples` examples in all; for fill-mask
+    on --data, `positions` marks the masked tokens (where a fill-mask prediction is read)."""
     batches, start, size = [], 0, 1
+    labels = data.extra.get("mlm_labels")
     while start < min(samples, len(data)):
         idx = list(range(start, min(start + size, samples, len(data))))
-        batches.append(inf.pad_batch(data, idx))
+        batch = inf.pad_batch(data, idx)
+        if labels is not None:  # fill-mask: compare the predictions at the masked positions
+            width = batch["input_ids"].shape[1]
+            batch["positions"] = np.array([np.pad(labels[i] != -100, (0, width - len(labels[i]))) for i in idx])
+        batches.append(batch)
         start, size = idx[-1] + 1, min(size * 2, 32)
     return batches
 
@@ -223,22 +237,23 @@ def int8_export(a, fp32_path, int8_path, reference, batches, regression, threads
 
 
 def search_fp32_parts(attempt, groups: dict, start: list, target: float, max_parts: int = 4) -> dict:
-    """Greedy: add the part whose fp32 copy raises agreement most, until `target` or `max_parts` parts."""
-    keep, best, tried = list(start), None, []
-    for _ in range(max_parts):
-        options = [g for g in groups if g not in keep]
-        if not options:
+    """Each part kept in fp32 alone first (its gain), then the best parts together, most helpful first,
+    until `target` or `max_parts` parts: at most len(groups) + max_parts quantizations."""
+    alone = []
+    for g in (g for g in groups if g not in start):
+        result = attempt(start + [g])
+        alone.append({"keep_fp32": start + [g], "agreement": result["agreement"], "size_mb": result["size_mb"]})
+    tried = list(alone)
+    ranked = sorted(alone, key=lambda r: (-r["agreement"], r["size_mb"]))
+    best = ranked[0]
+    for n in range(2, min(max_parts, len(ranked)) + 1):
+        if best["agreement"] >= target:
             break
-        scored = []
-        for g in options:
-            result = attempt(keep + [g])
-            tried.append({"keep_fp32": keep + [g], "agreement": result["agreement"], "size_mb": result["size_mb"]})
-            scored.append((result["agreement"], -result["size_mb"], g, result))
-        agreement, _, part, result = max(scored)
-        keep.append(part)
-        best = {"keep_fp32": list(keep), "agreement": agreement, "size_mb": result["size_mb"]}
-        if agreement >= target:
-            break
+        keep = start + [r["keep_fp32"][-1] for r in ranked[:n]]
+        result = attempt(keep)
+        tried.append({"keep_fp32": keep, "agreement": result["agreement"], "size_mb": result["size_mb"]})
+        if result["agreement"] > best["agreement"]:
+            best = tried[-1]
     return {**best, "tried": tried}
 
 
@@ -287,6 +302,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     out = os.path.abspath(a.output_dir)
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # a kill (SIGTERM) cleans up like Ctrl-C
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
     try:
         t0 = time.perf_counter()
@@ -323,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                     "examples": len(data)}]
             print(json.dumps(report["benchmark"][0]), flush=True)
             report["benchmark"] += inf.benchmark(data, files, a.model, threads, a.batch_size, a.latency_samples,
-                                                 a.max_seconds, os.path.join(tmp, ".bench"),
+                                                 a.max_seconds, os.path.join(tmp, ".bench"), a.repeats,
                                                  log=lambda r: print(json.dumps(r), flush=True))
             print(json.dumps(report["benchmark"][-1]), flush=True)
             shutil.rmtree(os.path.join(tmp, ".bench"))
@@ -337,6 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     logger.info("exported to %s (%s)", a.output_dir, ", ".join(f"{k} {v:.1f} MB" for k, v in report["files"].items()))
     return report
 

@@ -298,11 +298,11 @@ class Comparison:
 
 
 def compare(reference: list[np.ndarray], other: list[np.ndarray], batches: list[dict], regression: bool) -> Comparison:
-    """Logits of two backends on the same batches: token heads compare real positions only."""
+    """Logits of two backends on the same batches: token heads compare real (or `positions`) tokens only."""
     diffs, scale, same, items, total_abs, count = [], 0.0, 0, 0, 0.0, 0
     for ref, out, batch in zip(reference, other, batches):
-        if ref.ndim == 3:  # (batch, sequence, labels): real tokens only
-            real = batch["attention_mask"].astype(bool)
+        if ref.ndim == 3:  # (batch, sequence, labels): real tokens only (fill-mask on data: the masked ones)
+            real = batch.get("positions", batch["attention_mask"]).astype(bool)
             ref, out = ref[real], out[real]
         diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
         diffs.append(float(diff.max()))

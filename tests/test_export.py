@@ -186,7 +186,7 @@ def test_overwrite_replaces_and_tolerance_is_a_flag(cls_model, tmp_path):
     assert report["int8"]["nodes_kept_fp32"] >= 2
 
 
-def test_fp32_parts_search_adds_the_most_helpful_part_until_the_target():
+def test_fp32_parts_search_keeps_the_most_helpful_parts_until_the_target():
     gains = {"layer.0": 0.01, "layer.1": 0.06, "head": 0.03, "embeddings": 0.0}
 
     def attempt(keep):
@@ -194,7 +194,11 @@ def test_fp32_parts_search_adds_the_most_helpful_part_until_the_target():
 
     fix = export.search_fp32_parts(attempt, dict.fromkeys(gains, ["n"]), [], 0.985)
     assert fix["keep_fp32"] == ["layer.1", "head"] and fix["agreement"] == pytest.approx(0.99)
-    assert len(fix["tried"]) == 4 + 3
+    assert len(fix["tried"]) == 4 + 1  # each part alone, then the best two together
+    fix = export.search_fp32_parts(attempt, dict.fromkeys(gains, ["n"]), [], 0.999)
+    assert fix["keep_fp32"] == ["layer.1", "head", "layer.0"] and len(fix["tried"]) == 4 + 2
+    fix = export.search_fp32_parts(attempt, dict.fromkeys(gains, ["n"]), [], 1.5, max_parts=2)
+    assert fix["keep_fp32"] == ["layer.1", "head"]  # the best it found within 2 parts
 
 
 def test_poor_int8_agreement_is_reported_with_a_measured_fix(cls_model, tmp_path, monkeypatch, caplog):
@@ -244,6 +248,8 @@ def test_benchmark_prints_json_lines_for_every_backend(exported, sentiment_files
     assert records["onnxruntime_fp32"]["metric"]["accuracy"] == fp32
     assert records["onnxruntime_fp32"]["agreement_with_pytorch_fp32"] == 1.0
     assert "fast_bf16" in records["pytorch_bf16"]
+    # each backend's own peak memory (an onnxruntime process never imports torch)
+    assert records["onnxruntime_int8"]["peak_rss_mb"] < records["pytorch_fp32"]["peak_rss_mb"]
     summary = lines[-1]
     assert summary["summary"] and set(summary["onnxruntime_int8"]) >= {"throughput_x", "latency_p50_x",
                                                                         "file_size_fraction", "accuracy_change"}
@@ -257,9 +263,11 @@ def test_benchmark_measures_ner_f1_like_training(tmp_path, exported):
     """The exported NER model's F1 on the fixture equals the PyTorch one (same windows, same word scoring)."""
     model_dir = exported["token-classification"][0]
     report = export.main(["--model", model_dir, "--output_dir", str(tmp_path / "o"), "--benchmark", "--data", CONLL,
-                          "--backends", "pytorch_fp32", "onnxruntime_fp32", "--latency_samples", "3"])
+                          "--backends", "pytorch_fp32", "onnxruntime_fp32", "--latency_samples", "3", "--repeats", "2"])
     records = [r for r in report["benchmark"] if "backend" in r]
     assert [r["metric"]["f1"] for r in records][0] == records[1]["metric"]["f1"]
+    assert all(len(r["repeats"]) == 2 for r in records)  # run in turn, the fastest of each kept
+    assert records[1]["latency_batch1_ms"]["p50"] == min(x["p50_ms"] for x in records[1]["repeats"])
     assert "f1_change" in report["benchmark"][-1]["onnxruntime_fp32"]
 
 
