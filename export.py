@@ -216,13 +216,14 @@ def int8_export(a, fp32_path, int8_path, reference, batches, regression, threads
     if unknown:
         raise UserError(f"--int8_keep_fp32: unknown part(s) {', '.join(unknown)}; this model has "
                         f"{', '.join(groups)} (or auto).")
-    report = attempt([] if auto else a.int8_keep_fp32)
+    requested = [] if auto else list(a.int8_keep_fp32 or [])
+    report = attempt(requested)
     if regression or report["agreement"] >= a.int8_min_agreement:
         return report
     logger.warning("int8 is poor for this model: its labels agree with PyTorch fp32 on only %.1f%% of %d %s "
                    "(--int8_min_agreement %.0f%%); measuring which parts to keep in fp32", 100 * report["agreement"],
                    report["items"], "tokens" if reference[0].ndim == 3 else "examples", 100 * a.int8_min_agreement)
-    fix = search_fp32_parts(attempt, groups, a.int8_keep_fp32 or [], a.int8_min_agreement)
+    fix = search_fp32_parts(attempt, groups, requested, a.int8_min_agreement)
     report["measured_fix"] = fix
     flags = " ".join(fix["keep_fp32"])
     if auto and fix["agreement"] > report["agreement"]:
@@ -230,7 +231,7 @@ def int8_export(a, fp32_path, int8_path, reference, batches, regression, threads
         logger.warning("--int8_keep_fp32 auto: kept %s in fp32: agreement %.1f%%, %.1f MB", flags,
                        100 * report["agreement"], report["size_mb"])
     else:
-        attempt(a.int8_keep_fp32 or [])  # the requested file again
+        attempt(requested)  # the requested file again
         logger.warning("measured fix: keeping %s in fp32 gives %.1f%% agreement at %.1f MB; rerun with "
                        "--int8_keep_fp32 %s (or auto)", flags, 100 * fix["agreement"], fix["size_mb"], flags)
     return report

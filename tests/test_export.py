@@ -201,7 +201,7 @@ def test_fp32_parts_search_keeps_the_most_helpful_parts_until_the_target():
     assert fix["keep_fp32"] == ["layer.1", "head"]  # the best it found within 2 parts
 
 
-def test_poor_int8_agreement_is_reported_with_a_measured_fix(cls_model, tmp_path, monkeypatch, caplog):
+def test_poor_int8_agreement_is_reported_with_a_measured_fix(cls_model, tmp_path, monkeypatch):
     """Forced: int8 'disagrees' unless encoder layer 1 stays in fp32; auto finds that and applies it."""
     calls, real_quantize, real_compare = [], ox.quantize_int8, ox.compare
 
@@ -215,14 +215,17 @@ def test_poor_int8_agreement_is_reported_with_a_measured_fix(cls_model, tmp_path
             result.agreement = 0.5
         return result
 
+    warnings = []
     monkeypatch.setattr(ox, "quantize_int8", quantize)
     monkeypatch.setattr(ox, "compare", compare)
+    monkeypatch.setattr(export.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     report = export.main(["--model", cls_model, "--output_dir", str(tmp_path / "auto"), "--quantize", "int8",
                           "--int8_keep_fp32", "auto"])
     fix = report["int8"]["measured_fix"]
     assert fix["keep_fp32"] == ["layer.1"] and report["int8"]["kept_fp32"] == ["layer.1"]
     assert report["int8"]["agreement"] > 0.5 and len(fix["tried"]) == 4  # embeddings, layer.0, layer.1, head
-    assert any("int8 is poor for this model" in r.getMessage() for r in caplog.records)
+    assert warnings[0].startswith("int8 is poor for this model: its labels agree with PyTorch fp32 on only 50.0%")
+    assert "--int8_keep_fp32 auto: kept layer.1 in fp32" in warnings[-1]
     assert "Agreement was poor; keeping layer.1 in fp32 measured" in (tmp_path / "auto" / "README.md").read_text()
     with pytest.raises(UserError, match="unknown part"):
         export.main(["--model", cls_model, "--output_dir", str(tmp_path / "x"), "--quantize", "int8",
