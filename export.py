@@ -156,15 +156,15 @@ def read_data(a: ExportArguments, head: str, tok, names: list, config, settings:
     from common.data import read_table
     from train_cls import resolve_columns
 
-    df = read_table(a.data, "--data")
+    # the training run's reading settings (a headerless table's names, a non-UTF-8 encoding) apply to --data too
+    df = read_table(a.data, "--data", settings.get("encoding") or "utf-8", settings.get("column_names"))
     given = a.text_column or a.text_pair_column
     cols = SimpleNamespace(
         text_columns=None if given else settings.get("text_columns"),
         text_column=a.text_column if given else settings.get("text_column"),
         text_pair_column=a.text_pair_column if given else settings.get("text_pair_column"),
         label_column=a.label_column or settings.get("label_column"))
-    texts, pair, label = resolve_columns(cols, {"train": SimpleNamespace(column_names=list(df.columns))},
-                                         {"train": f"--data '{a.data}'"})
+    texts, pair, label = resolve_columns(cols, list(df.columns), f"--data '{a.data}'")
     sep = settings.get("text_separator")
     sep = sep if sep is not None else f" {tok.sep_token or ''} "
     regression = config.problem_type == "regression" or config.num_labels == 1
