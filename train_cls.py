@@ -29,7 +29,7 @@ from common.data import (
 from common.errors import UserError, fmt_columns, run_cli
 from common.labels import labels_from_model, read_split_labels, resolve_labels
 from common.launch import launch
-from common.metrics import classification_metrics, regression_metrics
+from common.metrics import classification_metrics, classification_names, regression_metrics
 from common.models import load_pretrained
 from common.predictions import CsvPredictions
 from common.splits import plan_rows
@@ -74,14 +74,15 @@ class ClsDataArguments(DataSourceArguments):
                             "--text_pair_column.")
         if self.text_pair_column and not self.text_column:
             raise UserError("--text_pair_column needs --text_column for the first text.")
+        if self.text_separator is not None and not self.text_columns:
+            raise UserError("--text_separator joins the columns of --text_columns; it has no effect without them.")
         if not 0 <= self.test_split < 1:
             raise UserError(f"--test_split must be a fraction in [0, 1), got {self.test_split}.")
 
 
 def read_splits(a: ClsDataArguments, model_args) -> tuple[dict, dict]:
-    """split -> datasets.Dataset, and split -> where it came from (for messages)."""
-    import datasets
-
+    """split -> table (a datasets.Dataset from the Hub, a pandas DataFrame from a file), and split -> where it
+    came from (for messages)."""
     if a.dataset:
         names = {"train": a.train_split_name, "validation": a.validation_split_name, "test": a.test_split_name}
         return read_hub_splits(a, model_args.cache_dir, names)
@@ -89,8 +90,7 @@ def read_splits(a: ClsDataArguments, model_args) -> tuple[dict, dict]:
     for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
                               "--validation_file"), ("test", a.test_file, "--test_file")):
         if path:
-            df = read_table(path, flag, a.encoding, a.column_names)
-            splits[split] = datasets.Dataset.from_pandas(df, preserve_index=False)
+            splits[split] = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
             where[split] = f"{flag} '{path}'"
     return splits, where
 
@@ -110,15 +110,20 @@ def resolve_columns(a: ClsDataArguments, columns: list, where: str, unlabelled_o
             raise UserError(f"{where}: cannot tell the label column among {fmt_columns(columns)}; "
                             "pass --label_column.")
         label = found[0]
-    if a.text_columns:
-        return list(a.text_columns), None, label
-    if a.text_column:
-        return [a.text_column], a.text_pair_column, label
+    given = list(a.text_columns or [a.text_column] + ([a.text_pair_column] if a.text_pair_column else []))
+    if a.text_columns or a.text_column:
+        twice = next((c for c in given + [label] if (given + [label]).count(c) > 1), None)
+        if twice is not None:
+            raise UserError(f"column '{twice}' is named twice among the text and label columns (--text_column(s), "
+                            "--text_pair_column, --label_column); each needs its own column.")
+        return (given, None, label) if a.text_columns else ([a.text_column], a.text_pair_column, label)
     rest = tuple(c for c in columns if c != label and c not in IGNORED and c not in MRPC_IDS)
     for layout in KNOWN_LAYOUTS:
         if rest == layout or (set(rest) == set(layout) and len(rest) == len(layout)):
             return [layout[0]], (layout[1] if len(layout) > 1 else None), label
-    raise UserError(f"{where}: the text columns are ambiguous among {fmt_columns(columns)}; pass "
+    unnamed = [c for c in columns if str(c).startswith("Unnamed: ")]
+    note = f" (the column pandas calls '{unnamed[0]}' has no name in the header: a saved row index?)" if unnamed else ""
+    raise UserError(f"{where}: the text columns are ambiguous among {fmt_columns(columns)}{note}; pass "
                     "--text_column (and --text_pair_column for pairs) or --text_columns to join several.")
 
 
@@ -146,17 +151,18 @@ class ClassificationTask(Task):
         a, args, tok = ctx.data_args, ctx.args, ctx.tokenizer
         splits, where = read_splits(a, ctx.model_args)
         first = "train" if "train" in splits else next(iter(splits))  # --no_do_train: validation/test only
-        texts, pair, label_col = resolve_columns(a, list(splits[first].column_names), where[first], first == "test")
+        columns = getattr(splits[first], "column_names", None) or list(splits[first].columns)
+        texts, pair, label_col = resolve_columns(a, columns, where[first], first == "test")
         flag_of = {c: "--text_columns" if a.text_columns else "--text_column" for c in texts}
         if pair:
             flag_of[pair] = "--text_pair_column"
         flag_of[label_col] = "--label_column"
 
         # Labels: from every labelled split, so a label seen only in validation still gets an id.
-        labels, numeric, labelled = read_split_labels(splits, where, texts + ([pair] if pair else []), label_col,
-                                                      flag_of)
+        feature = getattr(splits.get("train"), "features", {}).get(label_col)  # a Hub ClassLabel names the ids
+        labels, numeric, labelled, splits = read_split_labels(splits, where, texts + ([pair] if pair else []),
+                                                              label_col, flag_of)
         if args.do_train:
-            feature = splits["train"].features.get(label_col)
             hub_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
             found = resolve_labels(labels, numeric, where, label_col, a.task_type, a.allow_unseen_labels, hub_names)
         else:  # the model's own label map
@@ -247,6 +253,7 @@ class ClassificationObjective(Objective):
         self.regression = regression
         self.num_labels = num_labels
         self.default_metric = "pearson" if regression else "accuracy"
+        self.metric_names = classification_names(regression, num_labels)
 
     def count_items(self, batch):
         labels = batch["labels"]  # a fill on the device, not a host-to-device copy (no sync per step on GPUs)

@@ -32,6 +32,7 @@ from common.data import (
 from common.errors import UserError, run_cli
 from common.launch import launch
 from common.log import logger
+from common.metrics import MLM_METRICS
 from common.models import load_pretrained
 from common.splits import plan_rows
 from common.task import BuiltModel, Context, Objective, PreparedData, Task
@@ -82,8 +83,7 @@ def read_splits(a: MlmDataArguments, model_args) -> tuple[dict, dict, dict]:
     for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
                               "--validation_file"), ("test", a.test_file, "--test_file")):
         if path:
-            texts[split], skipped[split] = mlm.read_texts(path, flag, a.text_column, TEXT_COLUMNS, a.encoding,
-                                                           a.column_names)
+            texts[split], skipped[split] = mlm.read_texts(path, flag, a, TEXT_COLUMNS)
             where[split] = f"{flag} '{path}'"
     return texts, where, skipped
 
@@ -209,7 +209,7 @@ class MlmObjective(Objective):
     """Training batches are masked on the device, per micro-batch, from the loop's seeded RNG
     (prepare_batch); evaluation batches carry their fixed masks. The loss is summed over predicted
     tokens and divided by their count across the accumulation window and all processes."""
-    default_metric = "perplexity"
+    default_metric, metric_names = "perplexity", MLM_METRICS
     eval_pad_values: dict = {}
 
     def __init__(self, model, special_ids, mask_id, vocab_size, probability, whole_word, full_decoder, tied,

@@ -25,7 +25,7 @@ from common.data import file_extension, flat_values, read_hub_splits, source_nam
 from common.errors import UserError, run_cli
 from common.launch import launch
 from common.log import logger
-from common.metrics import ner_metrics
+from common.metrics import NER_METRICS, ner_metrics
 from common.models import byte_level, freeze, load_pretrained, load_tokenizer
 from common.predictions import ConllPredictions
 from common.splits import plan_rows
@@ -73,6 +73,7 @@ class NerDataArguments(DataSourceArguments):
         super().__post_init__()
         if self.freeze_layers < 0:
             raise UserError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
+        ner.check_label_names(self.label_names)
 
 
 def read_splits(a: NerDataArguments, model_args) -> dict:
@@ -87,13 +88,14 @@ def read_splits(a: NerDataArguments, model_args) -> dict:
                               "--validation_file"), ("test", a.test_file, "--test_file")):
         if not path:
             continue
-        if file_extension(path, flag) in ner.CONLL_EXTENSIONS and not (
-                file_extension(path, flag) == ".tsv" and ner.is_word_per_row_table(path, flag, a.encoding,
-                                                                                   a.sentence_id_column)):
+        conll = file_extension(path, flag) in ner.CONLL_EXTENSIONS and not (file_extension(path, flag) == ".tsv" and
+                                                                             ner.is_word_per_row_table(path, flag, a))
+        ner.check_format_flags(a, path, flag, conll)
+        if conll:
             splits[split] = ner.read_conll(path, flag, a.tag_column_index, a.skip_bad_rows, a.encoding)
         else:
             splits[split] = ner.read_table_sentences(path, flag, a.tokens_column, a.tags_column, split != "test",
-                                                     a.sentence_id_column, a.encoding, a.column_names)
+                                                     a.sentence_id_column, a.encoding, a.column_names, a.delimiter)
         if split != "test" and splits[split].tags is None:
             raise UserError(f"{flag} '{path}' has no tags (one column per line / no tag column); "
                             "training and validation data must be tagged.")
@@ -134,6 +136,7 @@ class NerTask(Task):
             if files[split].skipped:
                 logger.warning("%s: skipped %d bad rows, e.g. %s", sents.where, files[split].skipped,
                                files[split].skip_reasons[0])
+        ner.check_training_tags(files)
         # Which sentences of the training file go where (derived validation, k-fold folds), by index.
         pool, kfold = files.get("train"), ctx.split is not None and ctx.split.kfold  # no pool: --no_do_train
         seed = ctx.split.seed if ctx.split is not None else args.seed
@@ -233,7 +236,7 @@ class NerTask(Task):
 class NerObjective(Objective):
     """Loss summed over labelled tokens (the loop divides by their count across the accumulation
     window and all processes); evaluation scores one prediction per word, sentence by sentence."""
-    default_metric = "f1"
+    default_metric, metric_names = "f1", NER_METRICS
     # per-token outputs: padded with these across processes before gather_for_metrics
     eval_pad_values = {"predictions": -100, "word_ids": -1}
 

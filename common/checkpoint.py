@@ -1,9 +1,22 @@
-"""Resumable checkpoints: accelerate's save_state plus our trainer state, written atomically.
+"""Resumable checkpoints, written atomically, with nothing pickled, and checked before a resume writes anything.
 
 A checkpoint is written into `checkpoints/.tmp-<name>`, its files fsynced, a `COMPLETE` marker
 added, and only then renamed to `checkpoints/<name>`. `latest` is the complete checkpoint with the
 largest global step *read from its trainer_state.json* (never parsed from a folder name), so a
 kill while writing leaves the previous checkpoint as `latest`.
+
+What a checkpoint holds (the "safetensors" layout; one process, DDP and the other data-parallel setups):
+`model.safetensors` (the weights), `optimizer.safetensors` (AdamW's moments, its param groups as JSON in
+the header), `scaler.json` (the fp16 loss scale, if any), `trainer_state.json` (counters, schedule, the run's
+identity, this format's name) and `COMPLETE`. Random-number states are not needed: every micro-batch reseeds
+from (seed, step). Under FSDP, DeepSpeed, XLA or Megatron the sharded model and optimizer are written by
+accelerate's `save_state` instead (the "accelerate" layout: torch.save files, read back by accelerate with
+torch.load(weights_only=True); DeepSpeed reads its own) -- resume those only from folders you wrote.
+
+`check_checkpoint` runs before a resumed run writes anything: the folder must be a complete checkpoint
+written by these scripts in this layout, of the same run (model, task, labels, ...), hold no file these
+scripts never write (a planted pickle is refused, never opened), and its tensors must fit the model and
+the optimizer (safetensors headers read, shapes compared).
 """
 from __future__ import annotations
 
@@ -14,9 +27,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .errors import UserError
+from .log import logger
 
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+SCALER_FILE = "scaler.json"
+FORMAT = "bert-finetune checkpoint 2"  # in trainer_state.json; older or foreign checkpoints lack it
+SHARDED = ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM")  # distributed types whose state accelerate writes
 
 
 @dataclass
@@ -39,7 +58,9 @@ class TrainerState:
     identity: dict = field(default_factory=dict)  # model/task/labels: refuse resuming into a different run
     scheduler: dict = field(default_factory=dict)  # LR scheduler position (JSON, no pickle)
     initial_eval: dict = field(default_factory=dict)  # metrics of the weights before training (if measured)
-    state_format: str = ""          # how save_state laid out model/optimizer: "" (plain) or "FSDP <state dict type>"
+    format: str = ""                # FORMAT when written by these scripts
+    layout: str = "safetensors"     # "safetensors" (model/optimizer files of our own) or "accelerate" (sharded)
+    state_format: str = ""          # how the model/optimizer state is cut: "" (plain) or "FSDP <state dict type>"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -48,13 +69,26 @@ class TrainerState:
     def from_file(cls, path: str) -> "TrainerState":
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        state = cls(**known)
+        for f in cls.__dataclass_fields__.values():  # the types the loop relies on
+            value, default = getattr(state, f.name), getattr(cls(), f.name)
+            if default is not None and not isinstance(value, type(default)) and not (
+                    isinstance(default, float) and isinstance(value, int)):
+                raise ValueError(f"'{f.name}' is {value!r}")
+        return state
+
+
+def layout_of(accelerator) -> str:
+    kind = accelerator.distributed_type
+    return "accelerate" if str(getattr(kind, "value", kind)) in SHARDED else "safetensors"
 
 
 def state_format(accelerator) -> str:
-    """How accelerate's save_state lays out the model and optimizer, which a resume must match: ""
-    (one process or DDP: full tensors) or "FSDP FULL_STATE_DICT" / "FSDP SHARDED_STATE_DICT"."""
+    """How the model and optimizer state is cut, which a resume must match: "" (one process or DDP: full
+    tensors) or "FSDP FULL_STATE_DICT" / "FSDP SHARDED_STATE_DICT"."""
     if accelerator.distributed_type == "FSDP":
         return "FSDP " + str(accelerator.state.fsdp_plugin.state_dict_type).split(".")[-1]
     return ""
@@ -62,6 +96,69 @@ def state_format(accelerator) -> str:
 
 def describe_format(fmt: str) -> str:
     return fmt or "plain (one process or DDP)"
+
+
+def _unwrap(accelerator, model):
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def write_state(accelerator, model, optimizer, folder: str) -> None:
+    """Collective: the model, optimizer (and fp16 scaler) state into `folder`, without pickle (main process), or
+    through accelerate for sharded setups (every process; their random-state pickles are removed, unused)."""
+    if layout_of(accelerator) == "accelerate":
+        accelerator.save_state(folder)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in os.listdir(folder):
+                if name.startswith("random_states_") and name.endswith(".pkl"):
+                    os.unlink(os.path.join(folder, name))
+        return
+    from safetensors.torch import save_file, save_model
+
+    if accelerator.is_main_process:
+        save_model(_unwrap(accelerator, model), os.path.join(folder, MODEL_FILE), metadata={"format": "pt"})
+        state = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, values in state["state"].items():
+            for key, value in values.items():
+                if hasattr(value, "detach"):
+                    tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{key}"] = value
+        save_file(tensors, os.path.join(folder, OPTIMIZER_FILE), metadata={
+            "format": FORMAT, "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)})
+        if accelerator.scaler is not None:
+            with open(os.path.join(folder, SCALER_FILE), "w", encoding="utf-8") as fh:
+                json.dump(accelerator.scaler.state_dict(), fh)
+    accelerator.wait_for_everyone()
+
+
+def read_state(accelerator, model, optimizer, folder: str) -> None:
+    """Collective: load what write_state wrote (every process; optimizer None: the weights only)."""
+    if layout_of(accelerator) == "accelerate":
+        accelerator.load_state(folder)
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    load_model(_unwrap(accelerator, model), os.path.join(folder, MODEL_FILE), strict=True)
+    if optimizer is not None:
+        with safe_open(os.path.join(folder, OPTIMIZER_FILE), framework="pt") as fh:
+            meta = fh.metadata()
+            state: dict = {}
+            for key in fh.keys():
+                pid, name = key.split(".", 1)
+                state.setdefault(int(pid), {})[name] = fh.get_tensor(key)
+        for key, value in json.loads(meta["scalars"]).items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in json.loads(meta["param_groups"])]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        scaler = os.path.join(folder, SCALER_FILE)
+        if accelerator.scaler is not None and os.path.isfile(scaler):
+            with open(scaler, encoding="utf-8") as fh:
+                accelerator.scaler.load_state_dict(json.load(fh))
 
 
 def _fsync_tree(path: str) -> None:
@@ -85,7 +182,7 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def save_checkpoint(accelerator, ckpt_root: str, name: str, state: TrainerState) -> str:
+def save_checkpoint(accelerator, model, optimizer, ckpt_root: str, name: str, state: TrainerState) -> str:
     """Collective: every process calls it. Returns the final folder."""
     final = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f".tmp-{name}")
@@ -94,8 +191,11 @@ def save_checkpoint(accelerator, ckpt_root: str, name: str, state: TrainerState)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            os.makedirs(tmp)
         accelerator.wait_for_everyone()
+        write_state(accelerator, model, optimizer, tmp)
+        state.format, state.layout = FORMAT, layout_of(accelerator)
         if accelerator.is_main_process:
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
                 fh.write(state.to_json())
@@ -147,11 +247,21 @@ def list_checkpoints(ckpt_root: str, kinds=("periodic", "preempted")) -> list[tu
 
 
 def resolve_resume(spec: Optional[str], ckpt_root: str) -> Optional[str]:
-    """'latest' -> newest complete checkpoint (None if there is none); a path -> checked path."""
+    """'latest' -> the newest readable complete checkpoint (None if there is none at all; an error if there are
+    only unreadable ones); a path -> that folder, if it is a complete checkpoint."""
     if not spec:
         return None
     if spec == "latest":
         found = list_checkpoints(ckpt_root)
+        complete = [os.path.join(ckpt_root, n) for n in sorted(os.listdir(ckpt_root)) if not n.startswith(".")
+                    and is_complete(os.path.join(ckpt_root, n))] if os.path.isdir(ckpt_root) else []
+        unreadable = [p for p in complete if p not in {path for _, path in found} and _read_error(p)]
+        if not found and unreadable:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint in '{ckpt_root}' can be read "
+                            f"({os.path.basename(unreadable[0])}: {_read_error(unreadable[0])}); pass "
+                            "--overwrite_output_dir to start again, or a checkpoint folder.")
+        for path in unreadable:
+            logger.warning("skipped checkpoint %s: %s", path, _read_error(path))
         return found[-1][1] if found else None
     if not os.path.isdir(spec):
         raise UserError(f"--resume_from_checkpoint '{spec}' does not exist; pass a checkpoint folder or 'latest'.")
@@ -159,6 +269,90 @@ def resolve_resume(spec: Optional[str], ckpt_root: str) -> Optional[str]:
         raise UserError(f"--resume_from_checkpoint '{spec}' is not a complete checkpoint "
                         f"(no {COMPLETE} marker or {STATE_FILE}); pick another one or 'latest'.")
     return spec
+
+
+def _read_error(path: str) -> Optional[str]:
+    """Why a checkpoint's trainer_state.json cannot be used (None if it can)."""
+    try:
+        TrainerState.from_file(os.path.join(path, STATE_FILE))
+    except (OSError, ValueError, TypeError) as err:
+        return f"{STATE_FILE} is unreadable ({' '.join(str(err).split())[:120]})"
+    return None
+
+
+def check_checkpoint(path: str, identity: dict, accelerator, model, optimizer) -> TrainerState:
+    """Everything that can be known about resuming from `path` without loading it, before anything is written:
+    its trainer state reads, it was written by these scripts in this setup's layout for the same run, it holds
+    no file these scripts never write, and its tensors fit the model and the optimizer. Returns its state."""
+    where = f"--resume_from_checkpoint '{path}'"
+    error = _read_error(path)
+    if error:
+        raise UserError(f"{where}: {error}; the checkpoint is damaged, resume from another one.")
+    saved = TrainerState.from_file(os.path.join(path, STATE_FILE))
+    if saved.format != FORMAT:
+        raise UserError(f"{where} was not written by this version of these scripts (its {STATE_FILE} does not name "
+                        f"the format '{FORMAT}'); resume only from checkpoints they wrote, or start a new run.")
+    for key, value in identity.items():
+        if key in saved.identity and json.dumps(saved.identity[key]) != json.dumps(value):
+            raise UserError(f"{where} belongs to a different run ({key} is {saved.identity[key]!r} there, {value!r} "
+                            "now); resume with the same settings or start a new output_dir.")
+    expected = state_format(accelerator)
+    if saved.state_format != expected:
+        raise UserError(f"{where} holds {describe_format(saved.state_format)} state and this run expects "
+                        f"{describe_format(expected)}; resume it with the accelerate config that wrote it (the number "
+                        "of processes may differ).")
+    layout = layout_of(accelerator)
+    if saved.layout != layout:
+        raise UserError(f"{where} was written in the '{saved.layout}' layout, but this setup writes '{layout}' "
+                        "(FSDP/DeepSpeed/XLA or not); resume with the accelerate config it was trained with.")
+    if layout == "safetensors":
+        _check_files(path, where, accelerator, model, optimizer)
+    return saved
+
+
+def _check_files(path: str, where: str, accelerator, model, optimizer) -> None:
+    from safetensors import safe_open
+
+    allowed = {STATE_FILE, COMPLETE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE}
+    present = set(os.listdir(path))
+    foreign = sorted(present - allowed)
+    if foreign:
+        raise UserError(f"{where} holds files these scripts never write ({', '.join(foreign[:4])}): it was not written "
+                        "by them or was changed since; it is not opened. Resume from a checkpoint they wrote.")
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        if name not in present:
+            raise UserError(f"{where} has no {name}; the checkpoint is incomplete, resume from another one.")
+    state_dict = _unwrap(accelerator, model).state_dict()
+    try:
+        with safe_open(os.path.join(path, MODEL_FILE), framework="pt") as fh:
+            stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        with safe_open(os.path.join(path, OPTIMIZER_FILE), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            moments = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        groups = json.loads(meta["param_groups"])
+        json.loads(meta["scalars"])
+    except Exception as err:  # a damaged safetensors header or metadata
+        raise UserError(f"{where}: its weights or optimizer state cannot be read ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:150]}); the checkpoint is damaged, resume from another "
+                        "one.") from None
+    storage = {k: v.untyped_storage().data_ptr() for k, v in state_dict.items()}
+    saved_storage = {storage[k] for k in stored if k in storage}
+    wrong = [k for k, shape in stored.items() if k not in state_dict or tuple(state_dict[k].shape) != shape]
+    wrong += [k for k in state_dict if k not in stored and storage[k] not in saved_storage]  # tied weights: saved once
+    if wrong:
+        raise UserError(f"{where} holds weights that do not fit this model (e.g. '{wrong[0]}'); resume with the "
+                        "--model and settings it was trained with.")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        fits = [len(g["params"]) for g in groups] == [len(g["params"]) for g in optimizer.param_groups]
+        for key, shape in moments.items():
+            pid = int(key.split(".", 1)[0])
+            fits = fits and pid < len(params) and (shape == () or shape == tuple(params[pid].shape))
+    except (ValueError, TypeError, KeyError):
+        fits = False
+    if not fits:
+        raise UserError(f"{where} holds an optimizer state that does not fit this model's parameters; resume with the "
+                        "--model and settings it was trained with.")
 
 
 def rotate(ckpt_root: str, keep: Optional[int]) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Sequence
 
@@ -64,6 +67,9 @@ class DataSourceArguments:
         "Text encoding of the data files (a UTF-8 byte-order mark is accepted); e.g. latin-1 or cp1252."))
     column_names: Optional[list[str]] = field(default=None, metadata=_help(
         "Names of the columns of csv/tsv files that have no header row (one per column, in order)."))
+    delimiter: Optional[str] = field(default=None, metadata=_help(
+        "Field separator of csv/tsv files: one character, or 'tab' (default: ',' for .csv, tab for .tsv); e.g. ';' "
+        "for files saved by a European-locale Excel."))
     preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help("Processes for tokenizing."))
     overwrite_cache: bool = field(default=False, metadata=_help("Tokenize again even if cached."))
 
@@ -79,6 +85,13 @@ class DataSourceArguments:
         if self.column_names is not None and (not self.column_names or len(set(self.column_names)) != len(
                 self.column_names)):
             raise UserError(f"--column_names needs one distinct name per column, got {self.column_names}.")
+        if self.delimiter is not None:
+            self.delimiter = {"tab": "\t", "\\t": "\t"}.get(self.delimiter, self.delimiter)
+            if len(self.delimiter) != 1 or self.delimiter in "\"\n\r":
+                raise UserError(f"--delimiter must be one character (or 'tab'), got {self.delimiter!r}.")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise UserError(f"--preprocessing_num_workers must be 1 or more (unset: tokenize in this process), got "
+                            f"{self.preprocessing_num_workers}.")
 
     def source_flags_given(self) -> list[str]:
         """The data flags given: where the data comes from and its columns (not processing settings)."""
@@ -211,6 +224,10 @@ class TrainArguments:
         return self.kfold >= 2 or len(self.run_seeds()) > 1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and f.name != "max_grad_norm":
+                raise UserError(f"--{f.name} must be a finite number, got {value}.")
         positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps"]
         for name in positive:
@@ -224,6 +241,24 @@ class TrainArguments:
             raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise UserError("--warmup_steps, --max_grad_norm and --weight_decay must not be negative.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not self.adam_epsilon >= 0:
+            raise UserError(f"--adam_epsilon must not be negative, got {self.adam_epsilon}.")
+        for seed in [self.seed, *(self.seeds or [])]:
+            if not 0 <= seed < 2**32:
+                raise UserError(f"--seed/--seeds must be in [0, 2**32), got {seed}.")
+        if self.dataloader_num_workers < 0:
+            raise UserError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
+        if self.ddp_timeout <= 0:
+            raise UserError(f"--ddp_timeout must be a positive number of seconds, got {self.ddp_timeout}.")
+        if self.early_stopping_patience is not None and self.eval_strategy == "no":
+            raise UserError("--early_stopping_patience counts evaluations, but --eval_strategy is no; evaluate "
+                            "(--eval_strategy epoch or steps) or drop --early_stopping_patience.")
+        if self.resume_from_checkpoint and not self.do_train:
+            raise UserError("--resume_from_checkpoint continues a training run, but --no_do_train does not train; to "
+                            "evaluate a finished run pass its output folder as --model.")
         if self.eval_steps is not None:
             if self.eval_steps <= 0:
                 raise UserError(f"--eval_steps must be a positive integer, got {self.eval_steps}.")
@@ -245,6 +280,9 @@ class TrainArguments:
                                 "give identical runs and a falsely narrow interval.")
         if self.num_runs < 1:
             raise UserError(f"--num_runs must be 1 or more, got {self.num_runs}.")
+        if max(self.run_seeds()) >= 2**32:
+            raise UserError(f"--num_runs {self.num_runs} from --seed {self.seed} gives seeds of 2**32 or more; lower "
+                            "--seed.")
         if self.kfold == 1 or self.kfold < 0:
             raise UserError(f"--kfold must be 2 or more (or 0 for no cross-validation), got {self.kfold}.")
         if self.resplit_per_seed and len(self.run_seeds()) < 2:
@@ -276,44 +314,150 @@ def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
+# A negative number in scientific or special notation ('-1e-3', '-2E-5', '-inf'): argparse takes it for a flag.
+_NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """'--learning_rate -1e-3' -> '--learning_rate=-1e-3', so that the value reaches the setting's own check
+    instead of argparse's 'expected one argument'."""
+    takes_value = {opt for a in parser._actions if a.nargs is None and a.option_strings for opt in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _field_types(dataclass_types: Sequence[type]) -> dict[str, Any]:
+    types = {}
+    for dtype in dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        types.update({f.name: hints[f.name] for f in dataclasses.fields(dtype) if f.init})
+    return types
+
+
+def _config_value(key: str, value: Any, hint: Any, choices, path: str) -> Any:
+    """A --config YAML value checked and converted to its setting's type, or a UserError naming the file."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is typing.Union and type(None) in args
+    inner = next((a for a in args if a is not type(None)), hint) if optional else hint
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"--config file '{path}': {key}: {value!r} is not {expected}; fix the value (or remove the "
+                         "line to use the default).")
+
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"--config file '{path}': {key} is empty (null), but it needs a value; give one, or remove "
+                        "the line to use the default.")
+    if typing.get_origin(inner) is list:
+        items = value if isinstance(value, list) else [value]
+        return [_config_value(key, v, typing.get_args(inner)[0], choices, path) for v in items]
+    if typing.get_origin(inner) is Literal:
+        choices, inner = list(typing.get_args(inner)), str
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if isinstance(value, bool) and inner is not str:
+        raise bad(f"a {'whole number' if inner is int else 'number'}")
+    if inner is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise bad("a whole number") from None
+    if inner is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if isinstance(value, bool):  # YAML reads an unquoted no/yes/off/on as a boolean
+        word = {False: "no", True: "yes"}[value]
+        if choices and word in choices:
+            return word
+        raise bad(f"text (YAML reads an unquoted {word}/true/false as a boolean; quote it)")
+    if isinstance(value, (list, dict)):
+        raise bad("a single value")
+    value = str(value)
+    if choices and value not in choices:
+        raise bad(f"one of {', '.join(map(str, choices))}{closest(value, map(str, choices))}")
+    return value
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser, names: dict[str, str],
+                 dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """dest -> value of every setting in the --config YAML file, each checked against its type."""
+    if os.path.isdir(path):
+        raise UserError(f"--config '{path}' is a folder; pass a YAML file (e.g. the training_args.yaml of a run).")
+    if not os.path.isfile(path):
+        raise UserError(f"--config file '{path}' does not exist.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"--config file '{path}' is not UTF-8 text; save it as UTF-8 YAML.") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config file '{path}' is not valid YAML: {str(err).splitlines()[0]}.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config file '{path}' must hold a mapping of setting: value.")
+    types = _field_types(dataclass_types)
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    defaults = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key not in names or key == "config":
+            raise UserError(f"--config file '{path}' has an unknown setting '{key}'"
+                            f"{closest(key, [n for n in names if n != 'config'])}.")
+        dest = names[key]
+        defaults[dest] = _config_value(key, value, types[dest], choices.get(dest), path)
+    return defaults
+
+
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, description: str):
     """Parse `argv` into the given dataclasses: defaults < --config YAML < flags. Unknown keys are errors."""
+    import sys
+
     parser = _Parser(list(dataclass_types), description=description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", default=None,
                         help="YAML file of settings (flag names as keys); flags given on the command line win.")
-    argv = [str(a) for a in argv] if argv is not None else None  # Paths and numbers from notebooks are fine
+    argv = [str(a) for a in (argv if argv is not None else sys.argv[1:])]  # Paths and numbers from notebooks
+    argv = _join_negative_values(argv, parser)
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
     pre, _ = pre_parser.parse_known_args(argv)
     names = _flag_names(parser)
+    from_config: dict[str, Any] = {}
     if pre.config:
-        if not os.path.isfile(pre.config):
-            raise UserError(f"--config file '{pre.config}' does not exist.")
-        try:
-            with open(pre.config, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"--config file '{pre.config}' is not valid YAML: {str(err).splitlines()[0]}.") from None
-        if not isinstance(values, dict):
-            raise UserError(f"--config file '{pre.config}' must hold a mapping of setting: value.")
-        defaults = {}
-        for key, value in values.items():
-            key = str(key).replace("-", "_")
-            if key not in names or key == "config":
-                raise UserError(f"--config file '{pre.config}' has an unknown setting '{key}'"
-                                f"{closest(key, [n for n in names if n != 'config'])}.")
-            defaults[names[key]] = value
-        parser.set_defaults(**defaults)
+        from_config = _read_config(pre.config, parser, names, dataclass_types)
+        parser.set_defaults(**from_config)
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         unknown = remaining[0]
         hint = closest(unknown.lstrip("-"), names).replace("'", "'--", 1)
         raise UserError(f"unknown argument '{unknown}'{hint}; see --help.")
+    on_command_line = {names.get(a.lstrip("-").split("=")[0]) for a in argv if a.startswith("--")}
     outputs = []
     for dtype in dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}
-        outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in keys}))
+        try:
+            outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in keys}))
+        except UserError as err:  # a value from the YAML file: say so
+            named = [k for k in from_config if k not in on_command_line and f"--{k}" in str(err)]
+            if named:
+                raise UserError(f"{str(err).rstrip('.')} (set by {named[0]} in --config file "
+                                f"'{pre.config}').") from None
+            raise
     return outputs
 
 

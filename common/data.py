@@ -23,6 +23,7 @@ import pandas as pd
 from . import hub
 from .errors import UserError, closest, fmt_columns
 from .files import check_file, file_extension, first_line, local_file, read_text  # noqa: F401 (re-exported)
+from .validate import is_missing  # noqa: F401 (re-exported)
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 CACHE_VERSION = "1"  # bump when tokenization code changes what it writes
@@ -35,11 +36,16 @@ def flat_values(dataset, column: str):
     return pc.list_flatten(dataset.select_columns([column]).with_format("arrow")[:][column])
 
 
-def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Optional[Sequence[str]] = None
-               ) -> pd.DataFrame:
+DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+
+
+def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Optional[Sequence[str]] = None,
+               delimiter: Optional[str] = None) -> pd.DataFrame:
     """Read a csv/tsv/json/jsonl/parquet file (or a tab-separated .txt, like the MSR paraphrase corpus),
     possibly compressed, into a DataFrame, with one clear error per failure. csv/tsv files without a
-    header row take their names from `column_names`; one whose first row looks like data is refused."""
+    header row take their names from `column_names`; one whose first row looks like data is refused, and so
+    is a header whose names repeat or that reads as one column split by another delimiter than `delimiter`
+    (default: ',' for .csv, tab for .tsv)."""
     ext = check_file(path, flag, TABLE_EXTENSIONS + (".txt",))
     if ext == ".txt":
         if "\t" not in first_line(path, flag, encoding):
@@ -50,30 +56,18 @@ def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Opti
         raise UserError(f"--column_names is for csv/tsv files without a header row; {flag} '{path}' is {ext[1:]}, "
                         "whose field names are in the file.")
     local = local_file(path, flag)
+    sep = delimiter or ("\t" if ext == ".tsv" else ",")
     try:
         if ext in (".csv", ".tsv"):
-            # TSVs in the GLUE style contain bare quotes inside text: read them without quoting.
-            kw = dict(sep="\t", quoting=csv.QUOTE_NONE) if ext == ".tsv" else dict(sep=",")
-            header = dict(header=None) if column_names else {}
-            df = pd.read_csv(io.StringIO(read_text(path, flag, encoding)), keep_default_na=False, na_values=[""],
-                             dtype=str, **header, **kw)
-        elif ext in (".jsonl", ".json"):
             text = read_text(path, flag, encoding)
-            try:
-                obj = json.loads(text) if ext == ".json" else None
-            except json.JSONDecodeError:
-                obj = None  # JSON lines named .json
-            if obj is None:
-                df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
-            else:
-                if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
-                    obj = obj["data"]
-                if isinstance(obj, dict):
-                    obj = pd.DataFrame(obj).to_dict("records")
-                if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-                    raise UserError(f"{flag} '{path}' must hold a list of records (objects), "
-                                    "a dict of columns, or one JSON object per line.")
-                df = pd.DataFrame.from_records(obj)
+            if not column_names:
+                _check_header(text, sep, ext, flag, path, delimiter is not None)
+            # TSVs in the GLUE style contain bare quotes inside text: read them without quoting.
+            kw = dict(sep=sep, quoting=csv.QUOTE_NONE) if ext == ".tsv" else dict(sep=sep)
+            header = dict(header=None) if column_names else {}
+            df = pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""], dtype=str, **header, **kw)
+        elif ext in (".jsonl", ".json"):
+            df = _read_json(read_text(path, flag, encoding), ext, flag, path)
         else:
             df = pd.read_parquet(local)
     except UserError:
@@ -98,8 +92,78 @@ def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Opti
                             f"names ({why}); name the columns with --column_names NAME1 NAME2 ... "
                             f"({df.shape[1]} names).")
     if len(df) == 0:
-        raise UserError(f"{flag} '{path}' has a header but no rows.")
+        raise UserError(f"{flag} '{path}' has a header but no rows." if ext in (".csv", ".tsv") else
+                        f"{flag} '{path}' holds no records.")
     return df
+
+
+def _check_header(text: str, sep: str, ext: str, flag: str, path: str, explicit: bool) -> None:
+    """The header row of a csv/tsv: names must not repeat, and a header that is one field with another
+    delimiter in it means the file was saved with that delimiter (a ;-separated 'csv' from Excel)."""
+    line = text.split("\n", 1)[0].rstrip("\r")
+    if ext == ".tsv":
+        names = line.split(sep)
+    else:
+        names = next(csv.reader([line], delimiter=sep), [])
+    names = [n.strip() for n in names]
+    repeated = sorted({n for n in names if n and names.count(n) > 1})
+    if repeated:
+        raise UserError(f"{flag} '{path}': column '{repeated[0]}' appears twice in the header row; rename one of them "
+                        "so that every column has its own name.")
+    if len(names) == 1 and not explicit:
+        found = [d for d in DELIMITER_NAMES if d != sep and d in line]
+        if found:
+            d = found[0]
+            suggestion = "--delimiter tab (or name the file .tsv)" if d == "\t" else (
+                "--delimiter ','" + (" (or name the file .csv)" if ext == ".tsv" else "") if d == "," else
+                f"--delimiter '{d}'")
+            raise UserError(f"{flag} '{path}' reads as one column '{line[:50]}': its header is separated by "
+                            f"{DELIMITER_NAMES[d]}, not {DELIMITER_NAMES.get(sep, repr(sep))}; pass {suggestion}.")
+
+
+def _read_json(text: str, ext: str, flag: str, path: str) -> pd.DataFrame:
+    """A list of records, a dict of columns (or {"data": [...]}), or JSON lines (one object per line; a bad
+    line is reported with its number)."""
+    obj, whole_error = None, None
+    if ext == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            whole_error = err  # maybe JSON lines named .json
+    if obj is None:
+        records = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as line_error:
+                # a .json file that is neither JSON nor JSON lines: report the error of the whole document
+                bad = whole_error or line_error
+                number = whole_error.lineno if whole_error else number
+                raise UserError(f"{flag} '{path}' could not be parsed as {ext[1:]}: line {number}, column {bad.colno}: "
+                                f"{bad.msg}; fix that line.") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{flag} '{path}', line {number}: a JSON {type(record).__name__}, not an object; "
+                                "JSON lines files hold one object per line.")
+            records.append(record)
+        return pd.DataFrame.from_records(records)
+    if isinstance(obj, dict) and "data" in obj and isinstance(obj["data"], list):
+        obj = obj["data"]
+    if isinstance(obj, dict):
+        lengths = {k: len(v) if isinstance(v, list) else None for k, v in obj.items()}
+        if not obj or any(n is None for n in lengths.values()):
+            raise UserError(f"{flag} '{path}' holds one object of single values; expected a list of records "
+                            '([{"text": ..., "label": ...}, ...]), a dict of columns (lists), or one object per line.')
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"'{k}': {n}" for k, n in list(lengths.items())[:5])
+            raise UserError(f"{flag} '{path}' is a dict of columns of different lengths ({shown}); every column "
+                            "needs one value per row.")
+        obj = pd.DataFrame(obj).to_dict("records")
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise UserError(f"{flag} '{path}' must hold a list of records (objects), "
+                        "a dict of columns, or one JSON object per line.")
+    return pd.DataFrame.from_records(obj)
 
 
 _FILE_NAME = re.compile(r"^[\w.\-/\\]+\.(txt|jpe?g|png|gif|wav|mp3|flac|csv|tsv|json|html?|pdf|xml)$", re.I)
@@ -186,14 +250,6 @@ def first_bad_row(values: Sequence, bad: Callable[[object], bool]) -> Optional[i
         if bad(v):
             return i
     return None
-
-
-def is_missing(v: object) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float) and np.isnan(v):
-        return True
-    return isinstance(v, str) and not v.strip()
 
 
 def split_indices(n: int, fraction: float, seed: int,

@@ -17,6 +17,7 @@ import zlib
 from typing import Optional, Sequence
 
 from .errors import UserError
+from .log import logger
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip")
 KNOWN_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".conll", ".tokens")
@@ -130,9 +131,17 @@ def check_encoding(encoding: str) -> str:
                         "or cp1252.") from None
 
 
-def _codec(encoding: str) -> str:
-    # A UTF-8 byte-order mark (Excel's "CSV UTF-8") is accepted, and dropped.
-    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+# Byte-order marks that say which Unicode encoding a file is in (UTF-32 first: its LE mark begins like UTF-16's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _codec(encoding: str, head: bytes = b"") -> str:
+    """The codec to decode with. With the default --encoding utf-8, a byte-order mark decides: UTF-8's (Excel's
+    "CSV UTF-8") is dropped, UTF-16/UTF-32 ones (Excel's "Unicode text") select that encoding."""
+    if codecs.lookup(encoding).name != "utf-8":
+        return encoding
+    return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8-sig")
 
 
 def decode_error(err: UnicodeDecodeError, data: bytes, path: str, flag: str, encoding: str) -> UserError:
@@ -146,16 +155,34 @@ def decode_error(err: UnicodeDecodeError, data: bytes, path: str, flag: str, enc
 
 
 def read_text(path: str, flag: str, encoding: str = "utf-8") -> str:
-    """The whole file (decompressed) as text."""
+    """The whole file (decompressed) as text, with "\n" line breaks also for old-Mac files (CR only). A byte
+    the encoding cannot read, a NUL character (binary data, or UTF-16 without a byte-order mark) and a file
+    whose line breaks vanish once decoded (the wrong --encoding) are errors naming the file."""
     with open(local_file(path, flag), "rb") as fh:
         data = fh.read()
+    codec = _codec(encoding, data[:4])
     try:
-        return data.decode(_codec(encoding))
+        text = data.decode(codec)
     except UnicodeDecodeError as err:
         raise decode_error(err, data, path, flag, encoding) from None
+    if codec in ("utf-16", "utf-32"):
+        logger.info("%s '%s' starts with a %s byte-order mark: read as %s", flag, path, codec.upper(), codec.upper())
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise UserError(f"{flag} '{path}', line {line}: a NUL character (byte 0x00), so this is not a text file: "
+                        "binary data, or UTF-16/UTF-32 text without a byte-order mark (then pass --encoding utf-16).")
+    if "\n" not in text:
+        if b"\n" in data:
+            raise UserError(f"{flag} '{path}' has line breaks, but none once decoded as {encoding}: it is not "
+                            f"{encoding} text; pass its real encoding with --encoding (e.g. utf-8 or latin-1).")
+        text = text.replace("\r", "\n")  # old Mac line endings
+    return text
 
 
 def first_line(path: str, flag: str, encoding: str = "utf-8") -> str:
     """The first line of a (possibly compressed) text file, decoded leniently (for format sniffing)."""
     with open(local_file(path, flag), "rb") as fh:
-        return fh.readline().decode(_codec(encoding), errors="replace").rstrip("\r\n")
+        head = fh.read(1 << 16)
+    text = head.decode(_codec(encoding, head[:4]), errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[0]

@@ -1,17 +1,18 @@
 """Classification labels: parsed from every labelled split (a label seen only in validation still
 gets an id), numeric or text, whole numbers -> classes, fractions -> regression (with --task_type
-auto), mapped to ids with clear errors for empty, NaN, single-class or unseen labels."""
+auto, announced in the log), mapped to ids with clear errors for empty, NaN, single-class or unseen
+labels, numbers mixed with words, spellings of one label ('pos'/'Pos') and id-like label columns.
+The text columns are checked on the way (common/validate.py) and returned as clean datasets."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
-from .data import first_bad_row, is_missing, require_columns
+from .data import require_columns
 from .errors import UserError
 from .log import logger
+from .validate import check_label_count, check_label_kinds, check_variants, is_missing, label_value, text_values
 
 
 @dataclass
@@ -22,51 +23,49 @@ class Labels:
 
 
 def parse_labels(values: list, where: str, column: str) -> tuple[list, bool]:
-    """Labels as python values, and whether they are all numeric. Missing labels are errors."""
-    out, numeric = [], True
-    for i, v in enumerate(values):
-        if is_missing(v):
-            raise UserError(f"{where}, row {i + 1}: label column '{column}' is empty; fill it or drop the row.")
-        if isinstance(v, str):
-            s = v.strip()
-            try:
-                v = float(s)
-            except ValueError:
-                numeric, v = False, s
-        elif isinstance(v, (bool, np.bool_)):
-            v = int(v)
-        out.append(v)
-    if not numeric:
-        out = [str(v if not isinstance(v, float) else (int(v) if v == int(v) else v)) for v in out]
-    return out, numeric
+    """Labels as python values (numbers, or stripped words), and whether they are all numbers. Missing labels,
+    lists (multi-label) and objects are errors naming the row."""
+    out = [label_value(v, where, i, column) for i, v in enumerate(values)]
+    return out, all(not isinstance(v, str) for v in out)
+
+
+def column_values(table, column: str) -> list:
+    """A column of a pandas DataFrame (local files) or a datasets.Dataset (the Hub) as a python list."""
+    values = table[column]
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 def read_split_labels(splits: dict, where: dict, texts: list, label_col: str, flag_of: dict) -> tuple:
-    """Check every split's text and label columns (present, no empty text) and parse its labels.
+    """Check every split's text and label columns (present; texts are strings, never empty, never only numbers)
+    and parse its labels (numbers and words never mixed across the splits).
 
-    Returns (labels, numeric, labelled): split -> parse_labels() values and whether all are numeric
-    for the labelled splits, and split -> whether it is labelled (a test split may have its labels
-    missing or hidden as -1, like GLUE's)."""
-    labels, numeric, labelled = {}, {}, {}
-    for split, ds in splits.items():
-        require_columns(ds.column_names, texts, where[split], flag_of)
-        has = label_col in ds.column_names
+    Returns (labels, numeric, labelled, tables): split -> parse_labels() values and whether all are numeric
+    for the labelled splits, split -> whether it is labelled (a test split may have its labels missing or
+    hidden as -1, like GLUE's), and split -> a datasets.Dataset of the text columns (local tables keep nothing
+    else, so an unused column of mixed types never matters)."""
+    import datasets
+
+    labels, numeric, labelled, tables = {}, {}, {}, {}
+    for split, table in splits.items():
+        columns = list(table.columns if hasattr(table, "columns") else table.column_names)
+        require_columns(columns, texts, where[split], flag_of)
+        has = label_col in columns
         if split != "test" or has:
-            require_columns(ds.column_names, [label_col], where[split], flag_of)
-        if len(ds) == 0:
+            require_columns(columns, [label_col], where[split], flag_of)
+        if len(table) == 0:
             raise UserError(f"{where[split]} has no rows.")
-        for col in texts:
-            bad = first_bad_row(ds[col], is_missing)
-            if bad is not None:
-                raise UserError(f"{where[split]}, row {bad + 1}: text column '{col}' is empty; fill it or drop "
-                                "the row.")
-        raw = ds[label_col] if has else None
+        clean = {col: text_values(column_values(table, col), where[split], col, flag_of.get(col, "--text_column"))[0]
+                 for col in texts}
+        tables[split] = (datasets.Dataset.from_dict(clean) if hasattr(table, "columns")
+                         else table.select_columns(list(texts)))
+        raw = column_values(table, label_col) if has else None
         if split == "test" and (raw is None or all(is_missing(v) or v in (-1, "-1") for v in raw)):
             labelled[split] = False  # e.g. GLUE test: labels hidden (-1)
             continue
         labelled[split] = True
         labels[split], numeric[split] = parse_labels(raw, where[split], label_col)
-    return labels, numeric, labelled
+    check_label_kinds(labels, where, label_col)
+    return labels, numeric, labelled, tables
 
 
 def _first(labels: dict, bad) -> tuple[str, int]:
@@ -85,6 +84,13 @@ def resolve_labels(labels: dict, numeric: dict, where: dict, column: str, task_t
         raise UserError(f"{where[split]}, row {row + 1}: label column '{column}' is NaN/inf; fix or drop the row.")
     fractional = all_numeric and any(float(v) != int(float(v)) for v in values if math.isfinite(float(v)))
     regression = task_type == "regression" or (task_type == "auto" and fractional)
+    if regression and task_type == "auto":
+        split, row = _first(labels, lambda v: float(v) != int(float(v)))
+        n = sum(float(v) != int(float(v)) for v in values)
+        say = logger.warning if n < len(values) / 2 else logger.info  # a few stray fractions: probably a mistake
+        say("label column '%s' has %d fractional value(s) of %d (first: %s at %s, row %d), so this is regression "
+            "(one output, MSE; Pearson/Spearman); if the labels are classes, fix those rows or pass --task_type "
+            "classification", column, n, len(values), labels[split][row], where[split], row + 1)
     if task_type == "classification" and fractional:
         split, row = _first(labels, lambda v: float(v) != int(float(v)))
         raise UserError(f"{where[split]}, row {row + 1}: label {labels[split][row]} in column '{column}' is not a "
@@ -104,8 +110,11 @@ def resolve_labels(labels: dict, numeric: dict, where: dict, column: str, task_t
         ids = {s: [to_id[int(float(v))] for v in vs] for s, vs in labels.items()}
     else:
         class_names = sorted({str(v) for v in values})
+        check_variants(class_names, f"label column '{column}'")
         to_id = {n: i for i, n in enumerate(class_names)}
         ids = {s: [to_id[str(v)] for v in vs] for s, vs in labels.items()}
+    if hub_names is None:
+        check_label_count(len(set(ids["train"])), len(ids["train"]), where["train"], column)
     if len(class_names) < 2:
         raise UserError(f"label column '{column}' has only one value ({class_names[0]!r}) across all splits; "
                         "classification needs at least two classes.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import hub, reporting
+from . import hub, reporting, validate
 from .config import ModelArguments, TrainArguments, parse_args
 from .errors import UserError
 from .log import logger, setup_logging
@@ -49,11 +49,17 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     check_plan(args, task.name, task.supports_kfold)
     if len(runs) == 1 and runs[0].split is None:
         reporting.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    else:
+        validate.check_output_path(args.output_dir)
+    validate.check_inputs_outside(args.output_dir, validate.input_paths(model_args, data_args),
+                                  clearing=args.overwrite_output_dir and not args.resume_from_checkpoint)
     runtime = make_runtime(args, args.output_dir)
     try:
         setup_logging(runtime.accelerator.is_local_main_process)
         if announce:
             logger.info(announce)
+        for warning in validate.reused_files(data_args):
+            logger.warning(warning)
         if runs[0].split is None:
             repo = push_preflight(runtime.accelerator, args) if args.push_to_hub else None
             return run_single(task, Context(model_args, data_args, args, runtime, hub_repo=repo))

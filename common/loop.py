@@ -316,25 +316,22 @@ class Trainer:
         self.state.num_processes = self.accelerator.num_processes
         self.state.scheduler = {k: v for k, v in self.training.scheduler.state_dict().items() if k != "lr_lambdas"}
         name = BEST if kind == "best" else f"step_{self.state.global_step}"
-        path = ckpt.save_checkpoint(self.accelerator, self.ckpt_root, name, self.state)
+        path = ckpt.save_checkpoint(self.accelerator, self.model, self.training.optimizer, self.ckpt_root, name,
+                                    self.state)
         if kind != "best" and self.accelerator.is_main_process:
             ckpt.rotate(self.ckpt_root, self.args.save_total_limit)
         self.state.kind = "periodic"
         return path
 
+    def check_checkpoint(self, path: str) -> None:
+        """Before anything is written: `path` is a checkpoint of this very run that fits the model and optimizer."""
+        ckpt.check_checkpoint(path, self.identity, self.accelerator, self.model, self.training.optimizer)
+
     def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint that check_checkpoint accepted (collective)."""
         saved = ckpt.TrainerState.from_file(os.path.join(path, ckpt.STATE_FILE))
-        for key, value in self.identity.items():
-            if key in saved.identity and saved.identity[key] != value:
-                raise UserError(f"--resume_from_checkpoint '{path}' belongs to a different run ({key} is "
-                                f"{saved.identity[key]!r} there, {value!r} now); resume with the same settings "
-                                "or start a new output_dir.")
-        if saved.state_format != self.state.state_format:
-            raise UserError(f"--resume_from_checkpoint '{path}' holds {ckpt.describe_format(saved.state_format)} "
-                            f"state and this run expects {ckpt.describe_format(self.state.state_format)}; resume it "
-                            "with the accelerate config that wrote it (the number of processes may differ).")
         try:
-            self.accelerator.load_state(path)
+            ckpt.read_state(self.accelerator, self.model, self.training.optimizer, path)
         except Exception as err:
             raise UserError(f"--resume_from_checkpoint '{path}' could not be loaded into this model "
                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
@@ -433,9 +430,7 @@ class Trainer:
         if not (self.args.load_best_model_at_end and ckpt.is_complete(best)):
             return False
         best_state = ckpt.TrainerState.from_file(os.path.join(best, ckpt.STATE_FILE))
-        current = self.state
-        self.accelerator.load_state(best)
-        self.state = current  # keep the counters of the finished run
+        ckpt.read_state(self.accelerator, self.model, None, best)  # the weights; the counters stay the run's
         logger.info("loaded the best weights (step %s, %s=%.4f)", best_state.best_step, self.metric,
                     best_state.best_metric)
         return True

@@ -6,6 +6,18 @@ import math
 import numpy as np
 
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
+# What each evaluation reports as a number (the names --metric_for_best_model may take), known before training.
+REGRESSION_METRICS = ("loss", "mse", "rmse", "mae", "pearson", "spearman")
+NER_METRICS = ("loss", "f1", "precision", "recall", "accuracy")
+MLM_METRICS = ("loss", "perplexity", "masked_accuracy")
+
+
+def classification_names(regression: bool, num_labels: int) -> tuple:
+    if regression:
+        return REGRESSION_METRICS
+    binary = ("precision", "recall") if num_labels == 2 else ()
+    return ("loss", "accuracy", "f1", *binary, "mcc", "precision_macro", "recall_macro", "f1_macro",
+            "precision_weighted", "recall_weighted", "f1_weighted")
 
 
 def greater_is_better(metric: str) -> bool:

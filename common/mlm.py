@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .data import TABLE_EXTENSIONS, is_missing, read_table, require_columns
+from .data import TABLE_EXTENSIONS, read_table, require_columns
 from .errors import UserError, fmt_columns
 from .files import check_file, read_text
+from .validate import text_values
 
 TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
 
@@ -38,18 +39,20 @@ def read_text_lines(path: str, flag: str, encoding: str = "utf-8") -> list[str]:
     return lines
 
 
-def read_texts(path: str, flag: str, column: Optional[str], candidates: Sequence[str], encoding: str = "utf-8",
-               column_names: Optional[Sequence[str]] = None) -> tuple[list[str], int]:
-    """(non-blank texts, number of blank/missing rows skipped) from a text file or a table."""
+def read_texts(path: str, flag: str, a, candidates: Sequence[str]) -> tuple[list[str], int]:
+    """(non-blank texts, number of blank/missing rows skipped) from a text file or a table; `a`: the data
+    arguments (text_column, encoding, column_names, delimiter)."""
     ext = check_file(path, flag, TEXT_EXTENSIONS + TABLE_EXTENSIONS)
     if ext in TEXT_EXTENSIONS:
-        if column:
-            raise UserError(f"--text_column '{column}' was given but {flag} '{path}' is a plain text file "
-                            "(one text per line); drop --text_column or pass a table.")
-        return read_text_lines(path, flag, encoding), 0
-    df = read_table(path, flag, encoding, column_names)
-    col = text_column_of(list(df.columns), column, candidates, f"{flag} '{path}'")
-    return texts_from_column(list(df[col]), f"{flag} '{path}'", col)
+        flags = ("text_column", "column_names", "delimiter")
+        given = next((f"--{n}" for n in flags if getattr(a, n) is not None), None)
+        if given:
+            raise UserError(f"{given} was given but {flag} '{path}' is a plain text file (one text per line); drop "
+                            f"{given} or pass a table.")
+        return read_text_lines(path, flag, a.encoding), 0
+    df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
+    col = text_column_of(list(df.columns), a.text_column, candidates, f"{flag} '{path}'")
+    return texts_from_column(df[col].tolist(), f"{flag} '{path}'", col)
 
 
 def text_column_of(columns: list, given: Optional[str], candidates: Sequence[str], where: str) -> str:
@@ -66,18 +69,10 @@ def text_column_of(columns: list, given: Optional[str], candidates: Sequence[str
 
 
 def texts_from_column(values: list, where: str, column: str) -> tuple[list[str], int]:
-    """(stripped texts, number of empty rows skipped); a non-text value is an error naming its row."""
-    texts, skipped = [], 0
-    for i, v in enumerate(values):
-        if is_missing(v):
-            skipped += 1
-            continue
-        if not isinstance(v, str):
-            raise UserError(f"{where}, row {i + 1}: column '{column}' holds {type(v).__name__} {str(v)[:40]!r}, "
-                            "not text; pick the text column with --text_column.")
-        texts.append(v.strip())
-    if not texts:
-        raise UserError(f"{where}: column '{column}' has no text (every row is empty).")
+    """(stripped texts, number of empty rows skipped); a cell that is not text (a number, a list, ...) is an error
+    naming its row, and so is a column of nothing but numbers (validate.text_values)."""
+    texts, skipped = text_values(values, where, column, "--text_column", skip_missing=True)
+    texts = [t.strip() for t in texts]
     return texts, skipped
 
 

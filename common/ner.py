@@ -17,6 +17,8 @@ import numpy as np
 from .data import is_missing, read_table
 from .errors import UserError, closest, fmt_columns
 from .files import check_file, first_line, read_text
+from .log import logger
+from .validate import check_variants, is_number, kind_of
 
 # One token per line, whitespace-separated columns, blank line between sentences.
 CONLL_EXTENSIONS = (".txt", ".conll", ".iob", ".iob2", ".bio", ".tsv")
@@ -93,8 +95,10 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
                     or tag_column_index % len(cols) == 0), None)
         if bad is not None:
             n, cols = bad
+            odd = next((c for c in " ".join(cols) if c.isspace() and c not in _ASCII_SPACE), None)
             reason = (f"{where}, line {n}: {len(cols)} column(s) {cols!r}, but the tag is read from column "
-                      f"{tag_column_index} (--tag_column_index) and the token from column 0")
+                      f"{tag_column_index} (--tag_column_index) and the token from column 0" +
+                      (f" (U+{ord(odd):04X} is not a column separator: use spaces or tabs)" if odd else ""))
             if skip_bad_rows:
                 _skip(out, reason)
                 continue
@@ -105,23 +109,24 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
     return out
 
 
-def is_word_per_row_table(path: str, flag: str, encoding: str, sentence_id_column: Optional[str]) -> bool:
+def is_word_per_row_table(path: str, flag: str, a) -> bool:
     """A .tsv with a header naming a sentence-id column (or any .tsv when --sentence_id_column is given) is
-    a one-word-per-row table, not a CoNLL column file (which has no header)."""
-    if sentence_id_column:
+    a one-word-per-row table, not a CoNLL column file (which has no header). `a`: the data arguments."""
+    if a.sentence_id_column:
         return True
-    cells = [c.strip() for c in first_line(path, flag, encoding).split("\t")]
+    line = first_line(path, flag, a.encoding)
+    cells = [c.strip() for c in re.split(r"[\t,;|]", line)]  # any delimiter: a wrong one is reported by the reader
     return any(c in SENTENCE_ID_COLUMNS for c in cells)
 
 
 def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tags_column: Optional[str],
                          labelled_required: bool, sentence_id_column: Optional[str] = None, encoding: str = "utf-8",
-                         column_names: Optional[Sequence[str]] = None) -> Sentences:
+                         column_names: Optional[Sequence[str]] = None, delimiter: Optional[str] = None) -> Sentences:
     """A table (csv/tsv/json/jsonl/parquet) with one sentence per row -- a token column (a list, or a string
     split on whitespace) and a tag column (a list, a list literal such as "['O', 'B-geo']", or space-separated
     tags) -- or with one word per row and a sentence-id column (see `group_word_rows`)."""
     check_file(path, flag, TABLE_EXTENSIONS + (".tsv",))
-    df = read_table(path, flag, encoding, column_names)
+    df = read_table(path, flag, encoding, column_names, delimiter)
     where = f"{flag} '{path}'"
     columns = list(df.columns)
     id_col = resolve_column(columns, sentence_id_column, SENTENCE_ID_COLUMNS, "--sentence_id_column", where,
@@ -139,6 +144,7 @@ def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tag
                         "sentence-id column with --sentence_id_column (e.g. 'Sentence #'), or give one sentence "
                         "per row.")
     rows = [f"row {i + 1}" for i in range(len(df))]
+    check_words_column(values, where, tok_col)
     tokens = [parse_tokens(v, where, r, tok_col) for v, r in zip(values, rows)]
     tags = None
     if tag_col is not None:
@@ -203,6 +209,7 @@ def from_dataset(ds, where: str, tokens_column: Optional[str], tags_column: Opti
     tok_col = resolve_column(columns, tokens_column, TOKEN_COLUMNS, "--tokens_column", where, True)
     tag_col = resolve_column(columns, tags_column, TAG_COLUMNS, "--tags_column", where, labelled_required)
     rows = [f"row {i + 1}" for i in range(len(ds))]
+    check_words_column(ds[tok_col], where, tok_col)
     tokens = [parse_tokens(v, where, r, tok_col) for v, r in zip(ds[tok_col], rows)]
     tags, names = None, None
     if tag_col is not None:
@@ -260,7 +267,29 @@ def parse_tokens(value, where: str, row: str, column: str) -> list:
                             "expected a list of words or a text.")
         literal = _literal_list(value)
         items = literal if literal is not None and all(isinstance(t, str) for t in literal) else split_words(value)
-    return [str(t) for t in items]
+    return [_word(t, where, row, column, j) for j, t in enumerate(items)]
+
+
+def _word(value, where: str, row: str, column: str, j: int) -> str:
+    """One word of a token list: a string; a null becomes '' (reported by `clean` as an empty word, never the
+    word 'None'); a JSON number its digits; a list, object or boolean is refused."""
+    if isinstance(value, str):
+        return value
+    if is_missing(value):
+        return ""
+    if is_number(value):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    raise UserError(f"{where}, {row}: word {j + 1} of token column '{column}' is {kind_of(value)}, not a word; write "
+                    "each word as a string.")
+
+
+def check_words_column(values: Sequence, where: str, column: str) -> None:
+    """A token column of lists holding only numbers holds token ids (or tag ids), not words."""
+    flat = [t for v in values for t in (_as_list(v) or [])]
+    if flat and all(not isinstance(t, str) and is_number(t) for t in flat):
+        raise UserError(f"{where}: token column '{column}' holds only numbers ({', '.join(map(str, flat[:3]))}, ...), "
+                        "not words (token ids?); give the words themselves, or pick their column with "
+                        "--tokens_column.")
 
 
 def parse_tags(value, where: str, row: str, column: str) -> list:
@@ -320,6 +349,8 @@ def clean(sents: Sentences, label_names: Optional[list], scheme: Optional[str], 
                 reason = f"{sents.where}, {row}: {len(words)} tokens but {len(raw)} tags"
             else:
                 tags, reason = _tag_names(raw, names, allowed, pattern, sents.where, row, scheme)
+                why = scheme_error(tags, scheme) if tags is not None and scheme else None
+                reason = reason or (f"{sents.where}, {row}: {why}" if why else None)
         if reason is not None:
             if skip_bad_rows:
                 _skip(out, reason)
@@ -352,9 +383,74 @@ def _tag_names(raw: list, names: Optional[list], allowed: Optional[set], pattern
             return None, f"{where}, {row}: tag '{tag}' is not one of --label_names{closest(tag, allowed)}"
         if not pattern.match(tag):
             kind = "IOB2 (O, B-TYPE, I-TYPE)" if scheme == "IOB2" else "IOB/IOBES (O, B-TYPE, I-TYPE, E-TYPE, S-TYPE)"
-            return None, f"{where}, {row}: tag '{tag}' is not in {kind} form"
+            hint = (" (the digit 0: the outside tag is the letter O)" if tag == "0" else
+                    f" (did you mean '{tag[0].upper()}-{tag[2:]}'?)" if re.match(r"^[bieos][-_]\S+$", tag) or
+                    re.match(r"^[BIEOS]_\S+$", tag) else "")
+            return None, f"{where}, {row}: tag '{tag}' is not in {kind} form{hint}"
         tags.append(tag)
     return tags, None
+
+
+def scheme_error(tags: Sequence[str], scheme: str) -> Optional[str]:
+    """Why a sentence's tags are not a valid IOB2/IOBES sequence (None if they are). seqeval's strict mode drops
+    such entities, so scoring them strictly would count gold entities that can never be matched."""
+    prev = "O"
+    for j, tag in enumerate(tags):
+        p, kind = (tag[0], tag[2:]) if tag != "O" else ("O", "")
+        open_kind = prev[2:] if prev != "O" and prev[0] in "BI" else None  # an entity still open before this tag
+        if scheme == "IOB2" and p == "I" and (prev == "O" or prev[2:] != kind):
+            return (f"tag {j + 1} '{tag}' follows '{prev}', but in IOB2 an entity begins with B-{kind} (IOB1 data? "
+                    "drop --iob_scheme to score with conlleval's rules, or convert the tags to IOB2)")
+        if scheme == "IOBES" and p in "IE" and open_kind != kind:
+            return (f"tag {j + 1} '{tag}' follows '{prev}', but in IOBES I-/E-{kind} continue an entity begun with "
+                    f"B-{kind}")
+        if scheme == "IOBES" and p in "BSO" and open_kind is not None:
+            return (f"tag {j + 1} '{tag}' follows '{prev}', but in IOBES an entity ends with E-{open_kind} (S- for a "
+                    "one-word entity); IOB2 data? pass --iob_scheme IOB2")
+        prev = tag
+    if scheme == "IOBES" and prev != "O" and prev[0] in "BI":
+        return f"the sentence ends inside an entity ('{prev}'), but in IOBES an entity ends with E-{prev[2:]}"
+    return None
+
+
+def check_training_tags(files: dict) -> None:
+    """Training data whose every tag is 'O' teaches nothing (F1 stays 0); entity types that occur only in evaluation
+    files are scored as misses: said in the log. files: split -> cleaned Sentences."""
+    train = files.get("train")
+    kinds = {split: {t[2:] for tags in s.tags for t in tags if t != "O"} for split, s in files.items() if s.tags}
+    if train is not None and not kinds.get("train"):
+        raise UserError(f"{train.where} has no entities: every tag is 'O', so a model would learn to predict 'O' "
+                        "everywhere; check the tag column (--tags_column / --tag_column_index).")
+    for split, found in kinds.items():
+        if train is not None and split != "train" and found - kinds["train"]:
+            logger.warning("%s has entity types %s that the training data never has; they are scored as missed "
+                           "entities", files[split].where, sorted(found - kinds["train"]))
+
+
+def check_label_names(names: Optional[Sequence[str]]) -> None:
+    """--label_names: distinct tags in IOB/IOBES form."""
+    if names is None:
+        return
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise UserError(f"--label_names names '{repeated[0]}' twice; give each tag once, in id order.")
+    bad = next((n for n in names if not tag_pattern(None).match(n)), None)
+    if bad is not None:
+        raise UserError(f"--label_names '{bad}' is not a tag in IOB/IOBES form (O, B-TYPE, I-TYPE, E-TYPE, S-TYPE); "
+                        "give the tag names in id order, e.g. O B-PER I-PER.")
+
+
+def check_format_flags(a, path: str, flag: str, conll: bool) -> None:
+    """Flags that only mean something for tables (or for CoNLL columns) are refused for the other kind of file."""
+    if conll:
+        given = [f"--{n}" for n in ("tokens_column", "tags_column", "sentence_id_column", "column_names", "delimiter")
+                 if getattr(a, n) is not None]
+        if given:
+            raise UserError(f"{given[0]} is for tables, but {flag} '{path}' is read as CoNLL columns (one word per "
+                            "line, the tag in --tag_column_index); drop it, or give the data as a table.")
+    elif a.tag_column_index != -1:
+        raise UserError(f"--tag_column_index is for CoNLL column files, but {flag} '{path}' is a table; name its tag "
+                        "column with --tags_column instead.")
 
 
 def model_labels(config, tags: list, allow_unseen: bool) -> list:
@@ -376,6 +472,8 @@ def inside_tag(tag: str) -> str:
 def label_list(tag_lists: Sequence[Sequence[str]], extra: Sequence[str] = (), label_all_tokens: bool = False) -> list:
     """'O' first, then every other tag sorted; with label_all_tokens the I- tag of every type is included."""
     seen = {t for tags in tag_lists for t in tags} | set(extra)
+    check_variants({t[2:] for t in seen if t != "O"}, "the entity types of the tags",
+                   key=lambda k: re.sub(r"[\s_\-]+", " ", k.casefold()).strip())
     if label_all_tokens:
         seen |= {inside_tag(t) for t in seen}
     seen.add("O")

@@ -23,7 +23,7 @@ from .config import to_jsonable
 from .errors import UserError
 from .log import logger
 from .plan import PlannedRun
-from .single_run import run_single
+from .single_run import prepare_run, run_single
 from .stats import summarize
 from .task import Context
 
@@ -64,6 +64,13 @@ def check_parent(output_dir: str, overwrite: bool, manifest: dict) -> bool:
     return False
 
 
+def _run_context(task, model_args, data_args, args, runtime, run: PlannedRun, resume: Optional[str]) -> Context:
+    run_args = dataclasses.replace(args, seed=run.seed, output_dir=os.path.join(args.output_dir, run.name),
+                                   overwrite_output_dir=True, resume_from_checkpoint=resume, seeds=None, num_runs=1,
+                                   kfold=0, resplit_per_seed=False)
+    return Context(model_args, data_args, run_args, runtime, split=run.split, run_name=run.name)
+
+
 def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) -> dict:
     """Run every planned run (skipping those finished earlier); returns the summary (also in summary.json)."""
     from accelerate.utils import broadcast_object_list
@@ -75,6 +82,10 @@ def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) 
                   if accelerator.is_main_process else None]
     broadcast_object_list(continuing)
     continuing = bool(continuing[0])
+    first = None
+    if not continuing:  # the first run's data, model and settings are checked before the folder is touched
+        ctx = _run_context(task, model_args, data_args, args, runtime, runs[0], None)
+        first = (runs[0].name, ctx, prepare_run(task, ctx))
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if not continuing:
@@ -106,11 +117,11 @@ def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) 
         logger.info("run %d/%d (%s): seed %d%s%s", i, len(runs), run.name, run.seed,
                     f", held-out fold {run.split.fold + 1} of {run.split.kfold}" if run.split.kfold else "",
                     ", resuming its latest checkpoint" if resume else "")
-        run_args = dataclasses.replace(args, seed=run.seed, output_dir=sub, overwrite_output_dir=True,
-                                       resume_from_checkpoint=resume, seeds=None, num_runs=1, kfold=0,
-                                       resplit_per_seed=False)
-        ctx = Context(model_args, data_args, run_args, runtime, split=run.split, run_name=run.name)
-        per_run[run.name] = run_single(task, ctx)
+        if first is not None and first[0] == run.name:
+            per_run[run.name] = run_single(task, first[1], first[2])
+            first = None
+        else:
+            per_run[run.name] = run_single(task, _run_context(task, model_args, data_args, args, runtime, run, resume))
         accelerator.free_memory()
         gc.collect()
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .validate import check_output_path
 
 RESULTS = "results.json"
 LOG_HISTORY = "log_history.jsonl"
@@ -54,10 +55,9 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> None:
-    """Fail before anything is written: a non-empty output_dir needs --overwrite_output_dir (or a resume),
-    and the folder must be creatable and writable."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir '{output_dir}' is a file; pass a folder.")
+    """Fail before anything is written: the folder must be creatable and writable (validate.check_output_path),
+    and a non-empty output_dir needs --overwrite_output_dir (or a resume)."""
+    check_output_path(output_dir)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         finished = os.path.isfile(os.path.join(output_dir, RESULTS))
         if resume is None:
@@ -66,18 +66,6 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
         if finished and resume == "latest" and not os.path.isdir(os.path.join(output_dir, "checkpoints")):
             raise UserError(f"--output_dir '{output_dir}' holds a finished run with no checkpoints to resume; "
                             "pass --overwrite_output_dir or choose another folder.")
-    probe = output_dir
-    while not os.path.isdir(probe):
-        parent = os.path.dirname(os.path.abspath(probe))
-        if parent == probe:
-            break
-        probe = parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"--output_dir '{output_dir}' is not writable (no write permission on '{probe}').")
-    free = shutil.disk_usage(probe).free
-    if free < 50 * 2**20:
-        raise UserError(f"--output_dir '{output_dir}' is on a disk with only {free // 2**20} MiB free; "
-                        "free some space or choose another folder.")
 
 
 def start_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main: bool) -> None:

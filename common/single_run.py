@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from . import hub, plots, reporting
+from . import hub, plots, reporting, validate
 from .build import build_training, check_fsdp_model, eval_batch_size, eval_loader
 from .collate import PadCollator, length_sorted, pad_multiple
 from .config import to_jsonable
@@ -62,6 +62,9 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     if data.eval is None and args.eval_steps is not None:
         raise UserError("--eval_steps was given but there is no evaluation data; pass --validation_file or "
                         "--validation_split > 0.")
+    if data.eval is None and args.early_stopping_patience is not None and args.do_train:
+        raise UserError("--early_stopping_patience counts evaluations, but there is no evaluation data; pass "
+                        "--validation_file or --validation_split > 0, or drop --early_stopping_patience.")
     if args.max_eval_samples:
         cap = args.max_eval_samples
         data.eval = data.eval.select(range(min(cap, len(data.eval)))) if data.eval is not None else None
@@ -74,22 +77,38 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     static = ctx.accelerator.distributed_type == "XLA" or args.pad_to_max_length
     base = PadCollator(ctx.tokenizer.pad_token_id, multiple, ctx.data_args.max_length if static else None)
     objective = task.objective(ctx, data, built)
+    if args.metric_for_best_model:
+        validate.check_metric(args.metric_for_best_model, objective.metric_names, task.name)
+        if args.do_train and (data.eval is None or args.eval_strategy == "no"):
+            logger.warning("--metric_for_best_model %s has no effect: nothing is evaluated during training",
+                           args.metric_for_best_model)
     return RunInputs(data, built, objective, task.collator(ctx, data, base), multiple)
 
 
-def run_single(task: Task, ctx: Context) -> dict:
-    """Train one model into ctx.args.output_dir; returns its results (also in results.json)."""
+def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dict:
+    """Train one model into ctx.args.output_dir; returns its results (also in results.json). `inputs`: this run's
+    prepare_run, when the caller already made it (repeats.py checks the first run before writing anything)."""
     args, accelerator = ctx.args, ctx.accelerator
     t0 = time.perf_counter()
-    inputs = prepare_run(task, ctx)
+    inputs = inputs or prepare_run(task, ctx)
     data = inputs.data
     if not args.do_train:
         return evaluate_only(task, ctx, inputs, t0)
 
-    # Output folder: created (or cleared) only now that data and model loaded without error.
     resume = ckpt.resolve_resume(args.resume_from_checkpoint, os.path.join(args.output_dir, CKPT_DIR))
     if args.resume_from_checkpoint == "latest" and resume is None:
         logger.info("no complete checkpoint in %s: starting from scratch", os.path.join(args.output_dir, CKPT_DIR))
+    eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
+    identity = {"model": ctx.model_args.model, "task": task.name, **data.identity}
+    if ctx.split is not None:
+        identity["split"] = [ctx.split.seed, ctx.split.kfold, ctx.split.fold]
+    training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
+                              inputs.collator)
+    trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity)
+    if resume is not None:
+        trainer.check_checkpoint(resume)
+
+    # Output folder: created (or cleared) only now that data, model, training objects and checkpoint checked out.
     reporting.start_output_dir(args.output_dir, args.overwrite_output_dir, resume is not None,
                                accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -98,18 +117,11 @@ def run_single(task: Task, ctx: Context) -> dict:
         reporting.save_resolved_config(args.output_dir, settings)
     keep_until = (None if resume is None  # log lines after the resumed step are written again
                   else ckpt.TrainerState.from_file(os.path.join(resume, ckpt.STATE_FILE)).global_step)
-    log_writer = reporting.LogWriter(args.output_dir, keep_until) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        trainer.log_fn = reporting.LogWriter(args.output_dir, keep_until)
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers(task.name, config={k: v for k, v in settings.items()
                                                      if isinstance(v, (int, float, str, bool))})
-
-    eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
-    identity = {"model": ctx.model_args.model, "task": task.name, **data.identity}
-    if ctx.split is not None:
-        identity["split"] = [ctx.split.seed, ctx.split.kfold, ctx.split.fold]
-    training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
-                              inputs.collator)
-    trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity, log_fn=log_writer)
     if task.eval_before_training and training.eval_dl is not None and resume is None:
         t_initial = time.perf_counter()
         trainer.evaluate_initial()

@@ -28,6 +28,7 @@ order, the loop, evaluation, checkpoints, outputs, repeated runs) is shared.
 | hook | default | when | ranks |
 |---|---|---|---|
 | `default_metric` | "loss" | picks the best model unless `--metric_for_best_model` | all |
+| `metric_names` | ("loss",) | start-up: the numbers compute_metrics reports (--metric_for_best_model) | all |
 | `eval_pad_values` | `{}` | per-token eval outputs: padded across processes with these | all |
 | `after_prepare(model)` | nothing | right after `accelerator.prepare` (unwrapped model) | all |
 | `total_items(dataset)` | None | once, with length grouping: the epoch's items (fixed per-step denominator) | all |
@@ -87,6 +88,7 @@ class BuiltModel:
 class Objective:
     """What the loop calls per batch. See the module docstring for when each hook runs."""
     default_metric: str = "loss"
+    metric_names: tuple = ("loss",)  # every number compute_metrics returns that may pick the best model
     eval_pad_values: dict = {}
 
     def after_prepare(self, model) -> None:

@@ -138,21 +138,20 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_check
         tiny_model, sentiment_files, tmp_path, monkeypatch):
     import errno
 
-    from accelerate import Accelerator
+    from common import checkpoint
 
-    original = Accelerator.save_state
+    original = checkpoint.write_state
 
-    def save_state(self, output_dir=None, **kw):
-        if output_dir and output_dir.endswith(".tmp-step_8"):
-            os.makedirs(output_dir, exist_ok=True)
-            open(os.path.join(output_dir, "model.safetensors"), "w").write("partial")
+    def write_state(accelerator, model, optimizer, folder):
+        if folder.endswith(".tmp-step_8"):
+            open(os.path.join(folder, "model.safetensors"), "w").write("partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, output_dir, **kw)
+        return original(accelerator, model, optimizer, folder)
 
-    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    monkeypatch.setattr(checkpoint, "write_state", write_state)
     out = tmp_path / "full"
     with pytest.raises(train_cls.UserError, match="No space left on device.*step_4, is intact"):
         train_cls.main(argv(tiny_model, sentiment_files, out))
     assert sorted(os.listdir(out / "checkpoints")) == ["best", "step_4"]  # no partial checkpoint left
-    monkeypatch.setattr(Accelerator, "save_state", original)
+    monkeypatch.setattr(checkpoint, "write_state", original)
     assert latest_step(out) == 4
