@@ -18,14 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataSourceArguments
-from common.data import (
-    read_hub_splits,
-    read_table,
-    require_columns,
-    source_name,
-    tokenize_split,
-    tokenizer_fingerprint,
-)
+from common.data import read_hub_splits, read_table, require_columns, source_name, tokenize_split, tokenizer_fingerprint
 from common.errors import UserError, fmt_columns, run_cli
 from common.labels import labels_from_model, read_split_labels, resolve_labels
 from common.launch import launch

@@ -22,13 +22,7 @@ import torch.nn.functional as F
 
 from common import mlm
 from common.config import DataSourceArguments
-from common.data import (
-    flat_values,
-    read_hub_splits,
-    source_name,
-    tokenize_split,
-    tokenizer_fingerprint,
-)
+from common.data import flat_values, read_hub_splits, source_name, tokenize_split, tokenizer_fingerprint
 from common.errors import UserError, run_cli
 from common.launch import launch
 from common.log import logger
@@ -68,6 +62,8 @@ class MlmDataArguments(DataSourceArguments):
         super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise UserError(f"--mlm_probability must be between 0 and 1 (exclusive), got {self.mlm_probability}.")
+        if not 0 <= self.eval_mask_seed < 2**63:
+            raise UserError(f"--eval_mask_seed must be in [0, 2**63), got {self.eval_mask_seed}.")
 
 
 def read_splits(a: MlmDataArguments, model_args) -> tuple[dict, dict, dict]:
@@ -131,6 +127,7 @@ class MlmTask(Task):
             n_text_tokens = int(sum(enc["length"])) if not packed else int(len(mlm._flat(enc, "input_ids")[0]))
             if packed:
                 enc = mlm.pack(enc, a.max_length, tok.cls_token_id, tok.sep_token_id, a.whole_word_mask)
+            mlm.check_maskable(enc, special_ids, where.get(split, "the held-out lines"), tok.mask_token)
             tokens = int(np.sum(enc["length"]))
             stats[split] = {"texts": len(texts[split]), "examples": len(enc), "tokens": tokens,
                             "text_tokens": n_text_tokens, "blank_rows_skipped": skipped.get(split, 0)}

@@ -235,6 +235,9 @@ class TrainArguments:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if not self.learning_rate > 0:
             raise UserError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.lr_scheduler_type == "polynomial" and self.learning_rate <= 1e-7:
+            raise UserError(f"--lr_scheduler_type polynomial decays to 1e-07, so --learning_rate must be above it, got "
+                            f"{self.learning_rate}.")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
             raise UserError("Set --num_train_epochs > 0 or --max_steps > 0.")
         if not 0 <= self.warmup_ratio < 1:
@@ -412,6 +415,8 @@ def _read_config(path: str, parser: argparse.ArgumentParser, names: dict[str, st
         raise UserError(f"--config file '{path}' must hold a mapping of setting: value.")
     types = _field_types(dataclass_types)
     choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    negated = {opt.lstrip("-").replace("-", "_") for a in parser._actions if isinstance(a, argparse._StoreFalseAction)
+               for opt in a.option_strings}
     defaults = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
@@ -419,7 +424,8 @@ def _read_config(path: str, parser: argparse.ArgumentParser, names: dict[str, st
             raise UserError(f"--config file '{path}' has an unknown setting '{key}'"
                             f"{closest(key, [n for n in names if n != 'config'])}.")
         dest = names[key]
-        defaults[dest] = _config_value(key, value, types[dest], choices.get(dest), path)
+        value = _config_value(key, value, bool if key in negated else types[dest], choices.get(dest), path)
+        defaults[dest] = (not value) if key in negated else value  # no_do_train: true -> do_train false
     return defaults
 
 

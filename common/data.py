@@ -252,16 +252,17 @@ def first_bad_row(values: Sequence, bad: Callable[[object], bool]) -> Optional[i
     return None
 
 
-def split_indices(n: int, fraction: float, seed: int,
-                  stratify: Optional[Sequence] = None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, fraction: float, seed: int, stratify: Optional[Sequence] = None,
+                  flag: str = "a split fraction", what: str = "examples") -> tuple[np.ndarray, np.ndarray]:
     """Seeded (stratified when labels are given and every class has ≥ 2 members) split of range(n)."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(n)
     n_take = int(round(n * fraction))
     if n_take < 1 or n_take >= n:
-        raise UserError(f"a split fraction of {fraction} of {n} examples leaves one side empty; "
-                        "use a different fraction or pass the file explicitly.")
+        side = "the held-out part" if n_take < 1 else "the training part"
+        raise UserError(f"{flag} {fraction} of {n} {what} leaves {side} empty; use a fraction that leaves at least one "
+                        f"on each side, or pass the file (e.g. --validation_file) instead.")
     strat = None
     if stratify is not None:
         _, counts = np.unique(np.asarray(stratify), return_counts=True)

@@ -109,6 +109,14 @@ def word_starts(word_ids: Sequence[Optional[int]]) -> list[int]:
     return out
 
 
+def check_maskable(dataset, special_ids: Sequence[int], where: str, mask_token: str) -> None:
+    """Text made of nothing but special tokens ('[MASK] [SEP]' written out) has nothing to predict."""
+    ids, _ = _flat(dataset, "input_ids")
+    if not np.isin(ids, np.asarray(list(special_ids), dtype=ids.dtype if len(ids) else np.int64), invert=True).any():
+        raise UserError(f"{where} has no token that can be masked: its text is only special tokens such as "
+                        f"{mask_token} written out (the tokenizer reads them as special); pass real text.")
+
+
 def _flat(dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list column, without a Python loop over rows."""
     arr = dataset.data.column(column).combine_chunks()

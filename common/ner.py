@@ -84,6 +84,8 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
     if not blocks:
         raise UserError(f"{where} holds no sentences (expected one token per line, a blank line between sentences).")
     unlabelled = all(len(cols) == 1 for _, block in blocks for _, cols in block)
+    if not unlabelled:
+        _check_conll_layout(blocks, where, tag_column_index)
     out = Sentences([], None if unlabelled else [], [], where)
     for index, (first, block) in enumerate(blocks, start=1):
         row = f"sentence {index} (line {first})"
@@ -107,6 +109,25 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
         out.tags.append([cols[tag_column_index] for _, cols in block])
         out.rows.append(row)
     return out
+
+
+def _check_conll_layout(blocks: list, where: str, tag_column_index: int) -> None:
+    """Files that are not CoNLL-2003-style columns, said as such: CoNLL-U (comment lines '# sent_id = 1'), or
+    the tag in the first column and the word after it."""
+    comment = next((n for _, block in blocks for n, cols in block if cols[0] == "#" and len(cols) > 2
+                    and cols[2] == "="), None)
+    if comment is not None:
+        raise UserError(f"{where}, line {comment}: a CoNLL-U comment line ('# ... = ...'); this reader takes CoNLL "
+                        "columns (a word and its tag per line, a blank line between sentences): convert the file.")
+    pattern = tag_pattern(None)
+    rows = [cols for _, block in blocks for _, cols in block if len(cols) > 1][:2000]
+    first = sum(bool(pattern.match(cols[0])) for cols in rows)
+    last = sum(bool(pattern.match(cols[tag_column_index])) for cols in rows
+               if -len(cols) <= tag_column_index < len(cols))
+    if rows and first >= 0.9 * len(rows) and last < 0.5 * len(rows):
+        raise UserError(f"{where}: the first column holds tags ({rows[0][0]!r}, ...) and the tag column "
+                        f"{tag_column_index} does not; the word must come first on each line (then its tag, in "
+                        "the last column or --tag_column_index).")
 
 
 def is_word_per_row_table(path: str, flag: str, a) -> bool:
@@ -379,6 +400,8 @@ def _tag_names(raw: list, names: Optional[list], allowed: Optional[set], pattern
                 return None, f"{where}, {row}: tag id {tag} is outside the {len(names)} labels {names}"
             tag = names[int(tag)]
         tag = tag.strip()
+        if not tag:
+            return None, f"{where}, {row}: tag {j + 1} is empty"
         if allowed is not None and tag not in allowed:
             return None, f"{where}, {row}: tag '{tag}' is not one of --label_names{closest(tag, allowed)}"
         if not pattern.match(tag):

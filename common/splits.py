@@ -34,18 +34,20 @@ def plan_rows(n: int, split, seed: int, given: set, validation_split: float, tes
             raise UserError(f"--kfold {split.kfold} is more folds than the {n} {what}.")
         rows, out["test"] = kfold_indices(n, split.kfold, split.fold, seed, labels)
         if validation_split > 0:
-            keep, take = split_indices(len(rows), validation_split, seed + 1, None if labels is None else labels[rows])
+            keep, take = split_indices(len(rows), validation_split, seed + 1, None if labels is None else labels[rows],
+                                       "--validation_split", what)
             out["validation"], rows = rows[take], rows[keep]
     else:
         if "test" not in given and test_split > 0:
-            keep, take = split_indices(n, test_split, seed, labels)
+            keep, take = split_indices(n, test_split, seed, labels, "--test_split", what)
             out["test"], rows = take, keep
         if "validation" not in given and validation_split > 0:
             fraction = validation_split / (1 - (test_split if "test" in out else 0))
             if fraction >= 1:
                 raise UserError(f"--validation_split {validation_split} and --test_split {test_split} leave no "
                                 "training data; their sum must be below 1.")
-            keep, take = split_indices(len(rows), fraction, seed + 1, None if labels is None else labels[rows])
+            keep, take = split_indices(len(rows), fraction, seed + 1, None if labels is None else labels[rows],
+                                       "--validation_split", what)
             out["validation"], rows = rows[take], rows[keep]
     if max_train_samples:
         rows = rows[:max_train_samples]

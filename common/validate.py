@@ -33,8 +33,8 @@ MIN_FREE_MB = 50
 # ---------------------------------------------------------------------------------------------
 
 def is_missing(v: object) -> bool:
-    """None, NaN, or a blank string."""
-    if v is None:
+    """None, NaN (pandas' NA and NaT too), or a blank string."""
+    if v is None or type(v).__name__ in ("NAType", "NaTType"):
         return True
     if isinstance(v, float) and math.isnan(v):
         return True
@@ -189,8 +189,9 @@ def check_variants(names: Iterable[str], what: str, key: Callable[[str], str] = 
 
 
 def check_label_count(n_classes: int, n_rows: int, where: str, column: str) -> None:
-    """A label column with nearly one value per row is an id or a text column picked by mistake."""
-    if n_classes >= 20 and n_classes > n_rows / 2:
+    """A label column with nearly one value per row (20 or more values, on 90% of the rows or more) is an id or a
+    text column picked by mistake."""
+    if n_classes >= 20 and n_classes >= 0.9 * n_rows:
         raise UserError(f"label column '{column}' has {n_classes} different values in {n_rows} rows of {where}: it "
                         "looks like an id or a text column, not labels; pass the right --label_column (or "
                         "--task_type regression for a numeric target).")

@@ -263,6 +263,8 @@ CLS = [
      "--kfold 50 is more folds than the 40 training rows"),
     ("resume without training", lambda d: ["--train_file", _csv(d), "--no_do_train", "--resume_from_checkpoint",
                                            str(d)], "--resume_from_checkpoint continues a training run"),
+    ("polynomial decay below its end", lambda d: ["--train_file", _csv(d), "--lr_scheduler_type", "polynomial",
+                                                  "--learning_rate", "1e-8"], "--lr_scheduler_type polynomial decays"),
 ]
 
 
@@ -387,6 +389,16 @@ NER = [
      "--kfold 40 is more folds than the 30 training sentences"),
     ("negative loader workers", lambda d: ["--train_file", _conll(d), "--dataloader_num_workers", "-2"],
      "--dataloader_num_workers must be 0 or more"),
+    ("CoNLL-U comment lines", lambda d: ["--train_file", text(d / "t.txt", "# sent_id = 1\nalice B-PER\nwent O\n\n")],
+     "line 1: a CoNLL-U comment line"),
+    ("tag first, word second", lambda d: ["--train_file", text(d / "t.txt", "".join(
+        "".join(f"{t} {w}\n" for w, t in zip(ws, ts)) + "\n" for ws, ts in ner_sents()))],
+     "the first column holds tags ("),
+    ("empty tag cell", lambda d: ["--train_file", csv_rows(d / "t.csv", ["Sentence #", "Word", "POS", "Tag"], [
+        ("Sentence: 1", "alice", "NN", "B-PER"), ("", "went", "NN", "")] * 1 + word_rows(ner_sents()[1:]))],
+     "tag 2 is empty"),
+    ("one sentence to split", lambda d: ["--train_file", _conll(d, ner_sents(1))],
+     "--validation_split 0.1 of 1 training sentences leaves the held-out part empty"),
 ]
 
 
@@ -465,6 +477,14 @@ MLM = [
                                               str(d / "model"), "--overwrite_output_dir"], "is the --model folder"),
     ("resume without training", lambda d: ["--validation_file", _txt(d), "--no_do_train", "--resume_from_checkpoint",
                                            str(d)], "--resume_from_checkpoint continues a training run"),
+    ("only special tokens", lambda d: ["--train_file", _txt(d, "[MASK] [SEP] [CLS]\n" * 40)],
+     "has no token that can be masked: its text is only special tokens such as [MASK]"),
+    ("nothing left to train on", lambda d: ["--train_file", _txt(d), "--validation_split", "0.99"],
+     "--validation_split 0.99 of 40 training rows leaves the training part empty"),
+    ("negative mask seed", lambda d: ["--train_file", _txt(d), "--eval_mask_seed", "-1"],
+     "--eval_mask_seed must be in"),
+    ("mask seed past 64 bits", lambda d: ["--train_file", _txt(d), "--eval_mask_seed", str(2**64)],
+     "--eval_mask_seed must be in [0, 2**63)"),
 ]
 
 
@@ -716,3 +736,15 @@ def test_negative_numbers_in_scientific_notation_reach_the_setting_check():
         parse(["--weight_decay", "-1E-2"])
     with pytest.raises(UserError, match="--learning_rate must be a finite number, got -inf"):
         parse(["--learning_rate", "-inf"])
+
+
+def test_config_values_take_their_settings_types(tmp_path):
+    """A YAML scalar for a list setting is a one-item list (not its characters), no_X: true sets X false, and an
+    unquoted `no` for a setting whose choices include 'no' is that choice."""
+    from common.config import ModelArguments, TrainArguments, parse_args
+
+    cfg = text(tmp_path / "c.yaml", "text_columns: title\nno_group_by_length: true\nmixed_precision: no\n"
+                                    "seeds: 7\nlearning_rate: 1e-4\nmax_steps: 3.0\n")
+    _, data, args = parse_args([ModelArguments, train_cls.ClsDataArguments, TrainArguments], ["--config", cfg], "")
+    assert data.text_columns == ["title"] and args.group_by_length is False and args.mixed_precision == "no"
+    assert args.seeds == [7] and args.learning_rate == 1e-4 and args.max_steps == 3
