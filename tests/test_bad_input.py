@@ -641,8 +641,11 @@ def test_damaged_checkpoint_is_refused_before_anything_is_written(runs, damage, 
 
 
 def test_latest_skips_a_damaged_checkpoint_and_refuses_when_none_reads(runs, tiny_model, tmp_path):
+    from common.checkpoint import resolve_resume
+
     out = _copy_run(runs, "mlm", tmp_path)
     text(out / "checkpoints" / "step_2" / "trainer_state.json", "{")
+    assert resolve_resume("latest", str(out / "checkpoints")) == str(out / "checkpoints" / "step_1")
     argv = ["--model", tiny_model, *STEPS, "--max_steps", "3", "--train_file", runs["data"]["mlm"],
             "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
     os.unlink(out / "checkpoints" / "step_1" / "trainer_state.json")  # incomplete: not a checkpoint at all
