@@ -247,6 +247,7 @@ class ClassificationObjective(Objective):
         self.num_labels = num_labels
         self.default_metric = "pearson" if regression else "accuracy"
         self.metric_names = classification_names(regression, num_labels)
+        self.supports_distillation = not regression  # a teacher's class distribution: classification only
 
     def count_items(self, batch):
         labels = batch["labels"]  # a fill on the device, not a host-to-device copy (no sync per step on GPUs)
@@ -258,9 +259,11 @@ class ClassificationObjective(Objective):
         # ignore_index: a label the model does not know (--no_do_train --allow_unseen_labels) has no loss
         return F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=self.num_labels)
 
-    def loss_sum(self, model, batch):
-        logits = model(**model_inputs(batch)).logits
+    def loss_from_logits(self, logits, batch):
         return self._losses(logits, batch["labels"]).sum()
+
+    def distill_mask(self, batch):  # every example is distilled
+        return torch.ones_like(batch["labels"], dtype=torch.bool)
 
     def eval_outputs(self, model, batch):
         logits = model(**model_inputs(batch)).logits.float()

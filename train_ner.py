@@ -237,6 +237,7 @@ class NerObjective(Objective):
     """Loss summed over labelled tokens (the loop divides by their count across the accumulation
     window and all processes); evaluation scores one prediction per word, sentence by sentence."""
     default_metric, metric_names = "f1", NER_METRICS
+    supports_distillation = True
     # per-token outputs: padded with these across processes before gather_for_metrics
     eval_pad_values = {"predictions": -100, "word_ids": -1}
 
@@ -256,9 +257,11 @@ class NerObjective(Objective):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                reduction="none").view(labels.shape)
 
-    def loss_sum(self, model, batch):
-        logits = model(**model_inputs(batch)).logits
+    def loss_from_logits(self, logits, batch):
         return self._token_losses(logits, batch["labels"]).sum()
+
+    def distill_mask(self, batch):  # the labelled positions (first sub-tokens; every piece with --label_all_tokens)
+        return batch["labels"] != -100
 
     def eval_outputs(self, model, batch):
         logits = model(**model_inputs(batch)).logits

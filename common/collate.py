@@ -11,6 +11,8 @@ from torch.utils.data import Sampler
 # Padding values per key; keys not listed are stacked as they are (scalar labels, row ids).
 PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": -100,
               "special_tokens_mask": 1, "word_ids": -1, "word_start": 1}
+# Scalar keys batched too: row ids, labels, and the training example's position (distill.py's cached logits).
+SCALAR_KEYS = ("row_id", "labels", "example_index")
 
 
 def pad_multiple(args, accelerator) -> Optional[int]:
@@ -41,7 +43,7 @@ class PadCollator:
         return longest
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        keys = self.keys or [k for k in features[0] if k in self.pad_values or k in ("row_id", "labels")]
+        keys = self.keys or [k for k in features[0] if k in self.pad_values or k in SCALAR_KEYS]
         batch: dict[str, torch.Tensor] = {}
         length = None
         for key in keys:

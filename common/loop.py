@@ -439,8 +439,9 @@ class Trainer:
         """save_pretrained of full weights on the main process (gathered under FSDP/ZeRO-3; collective)."""
         output_dir = output_dir or self.output_dir
         acc = self.accelerator
-        state_dict = acc.get_state_dict(self.model)
         unwrapped = acc.unwrap_model(self.model)
+        # training-only weights (a distillation projection) stay in checkpoints, not in the saved model
+        state_dict = self.objective.state_for_saving(unwrapped, acc.get_state_dict(self.model))
         if self.training.fast_dropout:  # the saved config keeps the model's own attention setting
             from . import dropout
 

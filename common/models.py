@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -16,62 +17,66 @@ def _hub_kwargs(name: str) -> dict:
     return {"local_files_only": True} if hub.is_hub_id(name) and hub.unreachable() else {}
 
 
-def load_tokenizer(model_args, **kwargs):
+def load_tokenizer(model_args, name: Optional[str] = None, flag: str = "--model", **kwargs):
+    """The fast tokenizer of --tokenizer_name or --model (or of `name`, given with `flag`, e.g. a teacher's)."""
     from transformers import AutoTokenizer
 
-    name = model_args.tokenizer_name or model_args.model
+    name = name or model_args.tokenizer_name or model_args.model
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=model_args.revision, cache_dir=model_args.cache_dir,
                                             trust_remote_code=model_args.trust_remote_code, **_hub_kwargs(name),
                                             **kwargs)
     except Exception as err:
-        raise UserError(_load_message(name, err, "tokenizer")) from None
+        raise UserError(_load_message(name, err, "tokenizer", flag)) from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"the tokenizer of '{name}' has no fast (Rust) version; these scripts need one "
                         "(pass --tokenizer_name of a model that has tokenizer.json).")
     return tok
 
 
-def _load_message(name: str, err: Exception, what: str) -> str:
+def _load_message(name: str, err: Exception, what: str, flag: str = "--model") -> str:
     first = " ".join(str(err).split())[:250]
     offline = hub.unreachable() if hub.is_hub_id(name) else None
     if offline is not None:
-        return (f"--model '{name}' could not be loaded ({what}): the Hugging Face Hub is not reachable ({offline}) "
+        return (f"{flag} '{name}' could not be loaded ({what}): the Hugging Face Hub is not reachable ({offline}) "
                 "and the model is not in the local cache; pass a local folder saved with save_pretrained "
-                "(--model PATH).")
+                f"({flag} PATH).")
     if os.path.isdir(name):
-        return f"--model '{name}' could not be loaded as a {what}: {first}."
+        return f"{flag} '{name}' could not be loaded as a {what}: {first}."
     if os.path.sep in name and not os.path.exists(name) and name.count("/") != 1:
-        return f"--model '{name}' does not exist (no such folder, and it is not a Hub id)."
-    return (f"--model '{name}' could not be loaded ({what}): it is not a local folder, and the Hub id could not be "
+        return f"{flag} '{name}' does not exist (no such folder, and it is not a Hub id)."
+    return (f"{flag} '{name}' could not be loaded ({what}): it is not a local folder, and the Hub id could not be "
             f"fetched ({first}). Check the path, or the network and the model id.")
 
 
-def load_config(model_args):
+def load_config(model_args, name: Optional[str] = None, flag: str = "--model"):
     from transformers import AutoConfig
 
+    name = name or model_args.model
     try:
-        return AutoConfig.from_pretrained(model_args.model, revision=model_args.revision,
+        return AutoConfig.from_pretrained(name, revision=model_args.revision if name == model_args.model else "main",
                                           cache_dir=model_args.cache_dir,
-                                          trust_remote_code=model_args.trust_remote_code,
-                                          **_hub_kwargs(model_args.model))
+                                          trust_remote_code=model_args.trust_remote_code, **_hub_kwargs(name))
     except Exception as err:
-        raise UserError(_load_message(model_args.model, err, "config")) from None
+        raise UserError(_load_message(name, err, "config", flag)) from None
 
 
-def load_pretrained(auto_class, model_args, **kwargs) -> BuiltModel:
-    """from_pretrained with a clear error; returns the model with its newly initialised and unused keys."""
-    name = model_args.model
+def load_pretrained(auto_class, model_args, name: Optional[str] = None, flag: str = "--model",
+                    **kwargs) -> BuiltModel:
+    """from_pretrained with a clear error; returns the model with its newly initialised and unused keys.
+    `name` (given with `flag`) loads another model than --model, e.g. a teacher."""
+    name = name or model_args.model
+    revision = model_args.revision if name == model_args.model else "main"
     attn = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     try:
         model, info = auto_class.from_pretrained(
-            name, revision=model_args.revision, cache_dir=model_args.cache_dir,
+            name, revision=revision, cache_dir=model_args.cache_dir,
             trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
             # fp32 master weights whatever dtype the checkpoint was stored in (transformers 5 keeps the
             # stored dtype by default, and AdamW on fp16 weights diverges); autocast does mixed precision.
             dtype=torch.float32, **attn, **_hub_kwargs(name), **kwargs)
     except Exception as err:
-        raise UserError(_load_message(name, err, "model")) from None
+        raise UserError(_load_message(name, err, "model", flag)) from None
     new = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0]
                                                      for k in info.get("mismatched_keys", [])})
     if new:
@@ -103,14 +108,37 @@ def freeze(model, embeddings: bool, layers: int) -> list[str]:
         emb.requires_grad_(False)
         frozen.append("embeddings")
     if layers:
-        stacks = [(name, m) for name, m in base.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] in ("layer", "layers")]
-        if not stacks:
-            raise UserError(f"--freeze_layers: cannot find the encoder layers of {type(base).__name__}.")
-        name, stack = stacks[0]
+        name, stack = encoder_layers(model, "--freeze_layers")
         if layers > len(stack):
             raise UserError(f"--freeze_layers {layers} is more than the model's {len(stack)} layers.")
         for i in range(layers):
             stack[i].requires_grad_(False)
             frozen.append(f"{name}.{i}")
     return frozen
+
+
+def encoder_layers(model, flag: str) -> tuple[str, torch.nn.ModuleList]:
+    """(name under the base model, ModuleList) of the encoder's layer stack; `flag` names the option that needs it."""
+    base = model.base_model
+    stacks = [(name, m) for name, m in base.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and name.split(".")[-1] in ("layer", "layers")]
+    if not stacks:
+        raise UserError(f"{flag}: cannot find the encoder layers of {type(base).__name__}.")
+    return stacks[0]
+
+
+def keep_layers(model, layers: list[int], name: str) -> None:
+    """--init_student_layers: keep these encoder layers of `model` (embeddings, head and everything else stay),
+    renumbered 0..k-1, with config.num_hidden_layers = k, so save_pretrained writes an ordinary model."""
+    where, stack = encoder_layers(model, "--init_student_layers")
+    if layers[-1] >= len(stack):
+        raise UserError(f"--init_student_layers {','.join(map(str, layers))}: --model '{name}' has {len(stack)} "
+                        f"layers (0-{len(stack) - 1}).")
+    kept = [stack[i] for i in layers]
+    for new, layer in enumerate(kept):
+        for module in layer.modules():  # transformers numbers layers for its caches
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    parent, _, attr = where.rpartition(".")
+    setattr(model.base_model.get_submodule(parent), attr, torch.nn.ModuleList(kept))
+    model.config.num_hidden_layers = len(kept)

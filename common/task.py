@@ -34,9 +34,14 @@ order, the loop, evaluation, checkpoints, outputs, repeated runs) is shared.
 | `total_items(dataset)` | None | once, with length grouping: the epoch's items (fixed per-step denominator) | all |
 | `prepare_batch(batch)` | `batch` | each training micro-batch, under a seed of (seed, step, micro-batch) | all |
 | `count_items(batch)` | required | each training micro-batch: what the loss is averaged over | all |
-| `loss_sum(model, batch)` | required | each training micro-batch: the summed (not averaged) loss | all |
+| `loss_sum(model, batch)` | via `loss_from_logits` | each training micro-batch: the summed (not averaged) loss | all |
+| `loss_from_logits(logits, batch)` | required, or override `loss_sum` | the summed loss of a batch's logits | all |
 | `eval_outputs(model, batch)` | required | each evaluation batch: tensors with the batch as dim 0 | all |
 | `compute_metrics(outputs)` | required | after gathering: metrics from key -> np.ndarray | all |
+| `supports_distillation` | False | --teacher_model: True if `distill_mask` and `loss_from_logits` are given | all |
+| `distill_mask(batch)` | required to distil | distilled logits: bool mask of logits.shape[:-1], one item each | all |
+| `state_for_saving(model, state_dict)` | `state_dict` | before save_pretrained: drops training-only weights | main |
+| `report()` | `{}` | results.json sections of the objective (distillation settings) | all |
 """
 from __future__ import annotations
 
@@ -104,6 +109,9 @@ class Objective:
         raise NotImplementedError
 
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
+        return self.loss_from_logits(model(**model_inputs(batch)).logits, batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def eval_outputs(self, model, batch: dict) -> dict:
@@ -111,6 +119,19 @@ class Objective:
 
     def compute_metrics(self, outputs: dict) -> dict:
         raise NotImplementedError
+
+    # Distillation (common/distill.py wraps the objective of a run with a teacher)
+    supports_distillation: bool = False
+
+    def distill_mask(self, batch: dict) -> torch.Tensor:
+        """Which logits are distilled (one item each): a bool tensor of logits.shape[:-1]."""
+        raise NotImplementedError
+
+    def state_for_saving(self, model, state_dict: dict) -> dict:
+        return state_dict
+
+    def report(self) -> dict:
+        return {}
 
 
 class Task:
