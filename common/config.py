@@ -216,6 +216,35 @@ class TrainArguments:
     kfold: int = field(default=0, metadata=_help(
         "K-fold cross-validation on the training file (stratified for classification): each fold is held out "
         "once as the test set; --validation_split of the other folds picks the best model."))
+    # Distillation (common/distill.py, docs/distillation.md)
+    teacher_model: Optional[str] = field(default=None, metadata=_help(
+        "Distillation: a fine-tuned teacher (an output folder of this script, or a Hub id) with the student's labels "
+        "and vocabulary; the model learns from its predictions (and, with --distill_hidden/--distill_attention/"
+        "--distill_embeddings, from its intermediate layers)."))
+    distill_alpha: float = field(default=0.5, metadata=_help(
+        "Weight of the hard-label loss; 1 - alpha weighs T^2 * KL(teacher || student) at temperature T."))
+    distill_temperature: float = field(default=2.0, metadata=_help("Softmax temperature T of the distillation loss."))
+    distill_prediction: bool = field(default=True, metadata=_help(
+        "Train on the prediction layer (hard labels and the teacher's logits). --no_distill_prediction: the "
+        "intermediate-layer losses alone (TinyBERT's first stage)."))
+    distill_hidden: bool = field(default=False, metadata=_help(
+        "MSE between each student layer's output and its teacher layer's (--layer_map); projected when widths differ."))
+    distill_attention: bool = field(default=False, metadata=_help(
+        "MSE between the attention scores (before softmax) of each student layer and its teacher layer's; needs "
+        "equal head counts."))
+    distill_embeddings: bool = field(default=False, metadata=_help(
+        "MSE between the embedding-layer outputs of student and teacher (projected when widths differ)."))
+    distill_intermediate_weight: float = field(default=1.0, metadata=_help(
+        "Weight of the intermediate-layer losses against the prediction-layer loss."))
+    layer_map: Optional[str] = field(default=None, metadata=_help(
+        "Student:teacher pairs of 0-based encoder layers for the intermediate losses, e.g. 0:1,1:3,2:5. Unset: "
+        "uniform (student layer m of M -> teacher layer round((m+1)*N/M)-1 of N)."))
+    distill_cache_logits: bool = field(default=True, metadata=_help(
+        "With prediction-layer distillation only: compute the teacher's logits once over the training set (cached "
+        "on disk, keyed by teacher and data) instead of running the teacher at every step."))
+    init_student_layers: Optional[str] = field(default=None, metadata=_help(
+        "Build the model from these 0-based encoder layers of --model (e.g. 0,2,4): embeddings, these layers and "
+        "the rest copied, num_hidden_layers updated; saved as an ordinary model of the same family."))
 
     def run_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed + 100 * i for i in range(self.num_runs)]
@@ -299,6 +328,63 @@ class TrainArguments:
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer.")
+        self._check_distillation()
+
+    def intermediate_losses(self) -> list[str]:
+        """The intermediate-layer distillation losses asked for: hidden, attention, embeddings."""
+        return [k for k in ("hidden", "attention", "embeddings") if getattr(self, f"distill_{k}")]
+
+    def _check_distillation(self) -> None:
+        if not 0 <= self.distill_alpha <= 1:
+            raise UserError(f"--distill_alpha must be in [0, 1], got {self.distill_alpha}.")
+        if not self.distill_temperature > 0 or self.distill_intermediate_weight < 0:
+            raise UserError("--distill_temperature must be positive and --distill_intermediate_weight not negative.")
+        if self.layer_map is not None:
+            parse_layer_map(self.layer_map)
+        if self.init_student_layers is not None:
+            parse_layers(self.init_student_layers, "--init_student_layers")
+        needs_teacher = [f"--distill_{k}" for k in self.intermediate_losses()] + (
+            ["--layer_map"] if self.layer_map else []) + (
+            [] if self.distill_prediction else ["--no_distill_prediction"])
+        if needs_teacher and not self.teacher_model:
+            raise UserError(f"{', '.join(needs_teacher)} distill from a teacher: pass --teacher_model PATH.")
+        if not self.distill_prediction and not self.intermediate_losses():
+            raise UserError("--no_distill_prediction leaves no loss: add --distill_hidden, --distill_attention and/or "
+                            "--distill_embeddings (TinyBERT's first stage), or drop it.")
+        if self.layer_map and not (self.distill_hidden or self.distill_attention):
+            raise UserError("--layer_map pairs layers for --distill_hidden/--distill_attention; add one or drop it.")
+        if self.torch_compile and self.intermediate_losses():
+            raise UserError("--torch_compile with intermediate-layer distillation (--distill_hidden/"
+                            "--distill_attention/--distill_embeddings) has not been tested (the losses tap the "
+                            "compiled layers); drop one of them.")
+        if (self.teacher_model or self.init_student_layers) and not self.do_train:
+            raise UserError("--teacher_model and --init_student_layers build and train a student; drop them with "
+                            "--no_do_train.")
+
+
+def parse_layers(text: str, flag: str) -> list[int]:
+    """'0,2,4' -> [0, 2, 4]: distinct 0-based layer numbers in increasing order."""
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0 or layers != sorted(set(layers)):
+        raise UserError(f"{flag} takes 0-based layer numbers in increasing order, comma-separated (e.g. 0,2,4); "
+                        f"got '{text}'.")
+    return layers
+
+
+def parse_layer_map(text: str) -> list[tuple[int, int]]:
+    """'0:1,1:3' -> [(0, 1), (1, 3)]: student layer -> teacher layer, each student layer once."""
+    try:
+        pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",")]
+    except ValueError:
+        pairs = [()]
+    students = [p[0] for p in pairs if len(p) == 2]
+    if (not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs) or len(set(students)) != len(students)):
+        raise UserError(f"--layer_map takes student:teacher pairs of 0-based layers, each student layer once "
+                        f"(e.g. 0:1,1:3,2:5); got '{text}'.")
+    return sorted(pairs)
 
 
 class _Parser(HfArgumentParser):

@@ -105,9 +105,20 @@ def save_resolved_config(output_dir: str, settings: dict) -> None:
 
 
 def write_model_card(output_dir: str, *, task: str, base_model: str, data: str, results: dict,
-                     labels: Optional[list] = None, pipeline_task: str, example: str) -> None:
+                     labels: Optional[list] = None, pipeline_task: str, example: str,
+                     distillation: Optional[dict] = None, student_from_layers: Optional[list] = None) -> None:
     lines = [f"# {os.path.basename(os.path.abspath(output_dir))}", "",
              f"Fine-tuned from `{base_model}` for {task} on {data}.", ""]
+    if student_from_layers:
+        lines += [f"A student built from layers {', '.join(map(str, student_from_layers))} of `{base_model}` "
+                  "(embeddings and the rest copied).", ""]
+    if distillation:
+        d = distillation
+        parts = ([f"prediction layer (alpha {d['alpha']}, temperature {d['temperature']})"] if d["prediction"] else [])
+        parts += [f"intermediate layers ({', '.join(d['intermediate'])}; layer map {d['layer_map']})"] if d[
+            "intermediate"] else []
+        lines += [f"Distilled from the teacher `{d['teacher']}` ({d['teacher_layers']} layers, hidden size "
+                  f"{d['teacher_hidden_size']}): {'; '.join(parts)}.", ""]
     if labels:
         lines += [f"Labels: {', '.join(map(str, labels))}.", ""]
     for split in ("eval", "test"):

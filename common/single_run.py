@@ -13,15 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from . import hub, plots, reporting, validate
+from . import distill, hub, plots, reporting, validate
 from .build import build_training, check_fsdp_model, eval_batch_size, eval_loader
 from .collate import PadCollator, length_sorted, pad_multiple
-from .config import to_jsonable
+from .config import parse_layers, to_jsonable
 from .errors import EXIT_PREEMPTED, UserError
 from .evaluation import evaluate
 from .log import logger
 from .loop import CKPT_DIR, Preempted, Trainer
-from .models import check_max_length, load_config, load_tokenizer
+from .models import check_max_length, keep_layers, load_config, load_tokenizer
 from .predictions import stream_predictions
 from .runtime import peak_rss_mb, setup_info
 from .task import BuiltModel, Context, Objective, PreparedData, Task, write_predictions
@@ -71,6 +71,8 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
         data.test = data.test.select(range(min(cap, len(data.test)))) if data.test is not None else None
     set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
     built = task.build_model(ctx, data)
+    if args.init_student_layers:  # a smaller student: a subset of --model's layers (DistilBERT-style)
+        keep_layers(built.model, parse_layers(args.init_student_layers, "--init_student_layers"), ctx.model_args.model)
     check_fsdp_model(built.model, ctx.accelerator)
     ctx.timings["tokenizer_and_model_seconds"] = time.perf_counter() - t0 - ctx.timings["load_and_tokenize_seconds"]
     multiple = pad_multiple(args, ctx.accelerator)
@@ -82,7 +84,10 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
         if args.do_train and (data.eval is None or args.eval_strategy == "no"):
             logger.warning("--metric_for_best_model %s has no effect: nothing is evaluated during training",
                            args.metric_for_best_model)
-    return RunInputs(data, built, objective, task.collator(ctx, data, base), multiple)
+    collator = task.collator(ctx, data, base)
+    if args.teacher_model:  # the task's objective, wrapped: the teacher checked and its logits cached, or loaded
+        objective = distill.setup(task, ctx, data, built, objective, collator)
+    return RunInputs(data, built, objective, collator, multiple)
 
 
 def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dict:
@@ -278,6 +283,9 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
         setup["fsdp"] = t.sharding
     out = {"train": train, "timing": timing, "setup": setup, "data": data.info,
            "model": {"base_model": ctx.model_args.model, "newly_initialised": inputs.built.new_weights}}
+    if args.init_student_layers:
+        out["model"]["student_from_layers"] = parse_layers(args.init_student_layers, "--init_student_layers")
+    out.update(inputs.objective.report())  # distillation: the teacher and the settings
     if st.initial_eval:
         out["eval_before_training"] = st.initial_eval
     return out
@@ -289,7 +297,9 @@ def write_outputs(task: Task, ctx: Context, data: PreparedData, results: dict, m
     card = task.model_card(ctx, data)
     reporting.write_model_card(output_dir, task=task.name, base_model=ctx.model_args.model,
                                data=data.info.get("source", "local files"), results=results,
-                               labels=card.get("labels"), pipeline_task=task.pipeline_task, example=card["example"])
+                               labels=card.get("labels"), pipeline_task=task.pipeline_task, example=card["example"],
+                               distillation=results.get("distillation"),
+                               student_from_layers=results["model"].get("student_from_layers"))
     draw_run_plots(output_dir, metric, results, ctx.run_name)
     reporting.write_json(os.path.join(output_dir, reporting.RESULTS), results)
 
