@@ -10,6 +10,7 @@ figure compared was measured in the same invocation:
     python bench/run.py cls --micro                  # also: bare forward+backward+step on the same batches
     python bench/run.py ner                          # CoNLL-2003
     python bench/run.py mlm                          # WikiText-2: default vs fp32 with the full decoder
+    python bench/run.py distill --teacher out/mrpc   # MRPC, a 3-layer student: plain vs KD cached / per step
 
 Per run: wall time split into load+tokenize / train steps / evaluation / checkpoints, the first
 optimizer step (compilation with --torch_compile), train samples/s, real and padded tokens/s
@@ -21,6 +22,13 @@ real tokens, or every padded position with --full_decoder).
 
 The tokenization cache lives in a fresh folder per invocation: the first run of a task tokenizes
 (cold), later runs load the cache (warm); both times are in the summary.
+
+`distill`: a student of layers 0,2,4 of --model, trained plainly, with prediction-layer distillation from
+cached teacher logits (computed in the first such run, `teacher_seconds`; read from the cache by later
+repeats), the same loss with the teacher run at every step (--no_distill_cache_logits), and with the
+intermediate-layer losses. The teacher is --teacher, or trained here first with the `cls` preset; its
+evaluation speed (a --no_do_train run on the same dev set) is printed beside the students'. FLOP/s count
+the student only (a per-step teacher's forward is not in them).
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.environ.get("BENCH_ASSETS", os.path.join(os.path.dirname(ROOT), "shared", "assets", "data"))
@@ -53,15 +62,20 @@ PRESETS = {
         "--num_train_epochs", "1", "--learning_rate", "5e-5", "--per_device_train_batch_size", "32",
         "--max_length", "128", "--seed", "42"]),
 }
+PRESETS["distill"] = ("train_cls.py", "accuracy", PRESETS["cls"][2] + ["--init_student_layers", "0,2,4"])
 DEFAULT_CONFIGS = {
     "cls": ["default=", "fp32_pad_max=--mixed_precision no --pad_to_max_length --no_group_by_length",
             "fp32_dynamic=--mixed_precision no --no_group_by_length"],
     "ner": ["default=", "fp32_pad_max=--mixed_precision no --pad_to_max_length --no_group_by_length",
             "fp32_dynamic=--mixed_precision no --no_group_by_length"],
     "mlm": ["default=", "fp32_full_decoder=--mixed_precision no --full_decoder"],
+    "distill": ["plain=", "kd_cached=--teacher_model {teacher}",
+                "kd_per_step=--teacher_model {teacher} --no_distill_cache_logits",
+                "kd_intermediate=--teacher_model {teacher} --distill_hidden --distill_attention --distill_embeddings"],
 }
 SUMMARY_KEYS = ("train_samples_per_second", "train_tokens_per_second", "padded_tokens_per_second", "value",
-                "peak_rss_mb", "train_steps_seconds", "eval_seconds", "first_step_seconds", "mfu")
+                "peak_rss_mb", "train_steps_seconds", "eval_seconds", "first_step_seconds", "mfu", "teacher_seconds",
+                "eval_samples_per_second")
 
 
 def minilm() -> str:
@@ -170,6 +184,12 @@ def run_once(task: str, name: str, extra: list[str], model: str, common: list[st
         "mfu_vs_fp32_peak": round(achieved / peaks["float32"], 4),
         "mfu_vs_bf16_peak": round(achieved / peaks["bfloat16"], 4),
     }
+    if timing.get("final_eval_seconds"):
+        record["eval_samples_per_second"] = round(final.get("num_examples", 0) / timing["final_eval_seconds"], 1)
+    if res.get("distillation"):
+        kd = res["distillation"]
+        record.update(teacher_logits=kd["teacher_logits"], teacher_seconds=round(kd["teacher_seconds"], 2),
+                      teacher_cache_hit=(kd.get("cache") or {}).get("hit"))
     if "compiled_graphs" in timing:
         record["compiled_graphs"] = timing["compiled_graphs"]
     if "peak_gpu_memory_mb" in timing:
@@ -177,6 +197,37 @@ def run_once(task: str, name: str, extra: list[str], model: str, common: list[st
     if res.get("perplexity"):
         record["perplexity_before_after"] = [res["perplexity"]["before"], res["perplexity"]["after"]]
     return record
+
+
+def teacher_for_distill(model: str, path: Optional[str], cache: str) -> tuple[str, dict]:
+    """The teacher of the distill preset (trained with the cls preset when no path is given) and its figures:
+    training time and dev metric when trained here, and its evaluation speed on the dev set."""
+    _, metric, preset = PRESETS["cls"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=cache)
+    figures: dict = {"teacher": path}
+    if path is None:
+        path = tempfile.mkdtemp(prefix="bench-teacher-")
+        cmd = [sys.executable, os.path.join(ROOT, "train_cls.py"), "--model", model, *preset, "--output_dir", path,
+               "--overwrite_output_dir"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"error: training the teacher failed: {proc.stderr.strip().splitlines()[-1:]}")
+        with open(os.path.join(path, "results.json")) as fh:
+            res = json.load(fh)
+        figures.update(teacher=path, trained_here=True, value=res["eval"].get(metric),
+                       train_steps_seconds=round(res["timing"]["train_steps_seconds"], 2))
+    out = tempfile.mkdtemp(prefix="bench-teacher-eval-")
+    dev = preset[preset.index("--validation_file") + 1]
+    cols = ["--text_column", "#1 String", "--text_pair_column", "#2 String", "--label_column", "Quality"]
+    cmd = [sys.executable, os.path.join(ROOT, "train_cls.py"), "--model", path, "--no_do_train", "--validation_file",
+           dev, *cols, "--max_length", "128", "--output_dir", out, "--overwrite_output_dir"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode == 0:
+        with open(os.path.join(out, "results.json")) as fh:
+            ev = json.load(fh)["eval"]
+        figures.update(eval_samples_per_second=round(ev["predictions_per_second"], 1), eval_value=ev.get(metric))
+    shutil.rmtree(out, ignore_errors=True)
+    return path, figures
 
 
 def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peaks: dict) -> dict:
@@ -262,6 +313,7 @@ def main(argv=None) -> None:
     p.add_argument("--micro", action="store_true", help="also run the bare forward+backward+step microbenchmark "
                                                         "with the first configuration's flags")
     p.add_argument("--micro_steps", type=int, default=40)
+    p.add_argument("--teacher", default=None, help="distill: the fine-tuned teacher (default: trained here first)")
     args = p.parse_args(argv)
     script = PRESETS[args.task][0]
     if not os.path.isfile(os.path.join(ROOT, script)) or not os.path.isdir(ASSETS):
@@ -271,12 +323,20 @@ def main(argv=None) -> None:
     configs = [c.split("=", 1) if "=" in c else (c, "") for c in (args.config or DEFAULT_CONFIGS[args.task])]
     peaks = matmul_peaks()
     shape = model_shape(model)
+    preset = PRESETS[args.task][2]
+    if "--init_student_layers" in preset:  # the student's encoder: the chosen layers only
+        kept = len(preset[preset.index("--init_student_layers") + 1].split(","))
+        shape = dict(shape, n_encoder=shape["n_encoder"] * kept // shape["layers"], layers=kept)
     print(json.dumps({"machine": {"cpus": os.cpu_count(),
                                   "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
                                   "model": shape}, "common": args.common}), flush=True)
     cache = tempfile.mkdtemp(prefix="bench-cache-")
     runs: dict[str, list[dict]] = {}
     try:
+        if args.task == "distill":
+            teacher, figures = teacher_for_distill(model, args.teacher, cache)
+            print(json.dumps({"teacher": figures}), flush=True)
+            configs = [(name, flags.replace("{teacher}", shlex.quote(teacher))) for name, flags in configs]
         for _ in range(args.repeats):
             for name, flags in configs:
                 record = run_once(args.task, name, shlex.split(flags), model, common, peaks, shape, cache)
