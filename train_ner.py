@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a BERT-family encoder for token classification (NER with IOB2/IOBES tags; entity-level
-seqeval metrics on words).
+"""Fine-tune a BERT-family encoder for token classification (NER: IOB2/IOBES tags, seqeval entity metrics).
 
     accelerate launch train_ner.py --train_file train.txt --validation_file valid.txt --output_dir out
     python train_ner.py --output_dir out                  # no data flag: CoNLL-2003 from the Hub
@@ -236,8 +235,7 @@ class NerTask(Task):
 class NerObjective(Objective):
     """Loss summed over labelled tokens (the loop divides by their count across the accumulation
     window and all processes); evaluation scores one prediction per word, sentence by sentence."""
-    default_metric, metric_names = "f1", NER_METRICS
-    supports_distillation = True
+    default_metric, metric_names, supports_distillation = "f1", NER_METRICS, True
     # per-token outputs: padded with these across processes before gather_for_metrics
     eval_pad_values = {"predictions": -100, "word_ids": -1}
 
@@ -260,7 +258,7 @@ class NerObjective(Objective):
     def loss_from_logits(self, logits, batch):
         return self._token_losses(logits, batch["labels"]).sum()
 
-    def distill_mask(self, batch):  # the labelled positions (first sub-tokens; every piece with --label_all_tokens)
+    def distill_mask(self, batch):  # labelled positions (first sub-tokens; every piece with --label_all_tokens)
         return batch["labels"] != -100
 
     def eval_outputs(self, model, batch):
