@@ -285,13 +285,18 @@ def _mkdir(p):
     return p
 
 
-@pytest.mark.parametrize("build,message", [c[1:] for c in CLS], ids=[c[0] for c in CLS])
-def test_classification_refuses(build, message, tiny_model, tmp_path):
+def refuses(main, build, message: str, tiny_model: str, tmp_path) -> None:
+    """The case's argv (an output_dir added if it names none) exits 2 with `message`, writing nothing."""
     argv = build(tmp_path)
     if "--output_dir" not in argv:
         argv += ["--output_dir", str(tmp_path / "out")]
-    got = nothing_written_by(train_cls.main, ["--model", tiny_model, *STEPS, *argv], tmp_path)
+    got = nothing_written_by(main, ["--model", tiny_model, *STEPS, *argv], tmp_path)
     assert message in got, got
+
+
+@pytest.mark.parametrize("build,message", [c[1:] for c in CLS], ids=[c[0] for c in CLS])
+def test_classification_refuses(build, message, tiny_model, tmp_path):
+    refuses(train_cls.main, build, message, tiny_model, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,11 +409,7 @@ NER = [
 
 @pytest.mark.parametrize("build,message", [c[1:] for c in NER], ids=[c[0] for c in NER])
 def test_ner_refuses(build, message, tiny_model, tmp_path):
-    argv = build(tmp_path)
-    if "--output_dir" not in argv:
-        argv += ["--output_dir", str(tmp_path / "out")]
-    got = nothing_written_by(train_ner.main, ["--model", tiny_model, *STEPS, *argv], tmp_path)
-    assert message in got, got
+    refuses(train_ner.main, build, message, tiny_model, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,11 +491,7 @@ MLM = [
 
 @pytest.mark.parametrize("build,message", [c[1:] for c in MLM], ids=[c[0] for c in MLM])
 def test_mlm_refuses(build, message, tiny_model, tmp_path):
-    argv = build(tmp_path)
-    if "--output_dir" not in argv:
-        argv += ["--output_dir", str(tmp_path / "out")]
-    got = nothing_written_by(train_mlm.main, ["--model", tiny_model, *STEPS, *argv], tmp_path)
-    assert message in got, got
+    refuses(train_mlm.main, build, message, tiny_model, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
