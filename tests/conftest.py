@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -61,6 +62,22 @@ def tiny_model(tmp_path_factory) -> str:
     BertForMaskedLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def preempt_at_step(monkeypatch, step: int):
+    """Send this process SIGTERM right after the loop logs the training loss of optimizer step `step`; returns the
+    original Trainer.record, to put back before resuming."""
+    from common import loop
+
+    original = loop.Trainer.record
+
+    def record_then_preempt(self, values):
+        original(self, values)
+        if self.state.global_step == step and "loss" in values:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.Trainer, "record", record_then_preempt)
+    return original
 
 
 def toy_sentence(rng: random.Random, label: int, n: int | None = None) -> str:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_cls
-from conftest import FAST, toy_sentence, write_csv
+from conftest import FAST, preempt_at_step, toy_sentence, write_csv
 
 LEARN = ["--num_train_epochs", "8", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
          "--logging_steps", "5", "--mixed_precision", "no"]
@@ -124,7 +124,6 @@ def test_regression_from_float_labels(tiny_model, tmp_path):
 def test_preempt_mid_epoch_then_resume_gives_identical_weights(tiny_model, sentiment_files, tmp_path, monkeypatch):
     """SIGTERM at step 20 (mid-epoch 2) saves a checkpoint and exits 75; resuming ends equal to an
     uninterrupted run: same weights (the restored best ones), same metrics, each step logged once."""
-    import signal
 
     from common import loop
 
@@ -132,14 +131,7 @@ def test_preempt_mid_epoch_then_resume_gives_identical_weights(tiny_model, senti
     full = tmp_path / "full"
     ref = run_cls(tiny_model, sentiment_files, full, *common)
     part = tmp_path / "part"
-    original = loop.Trainer.record
-
-    def record_then_preempt(self, values):
-        original(self, values)
-        if self.state.global_step == 20 and "loss" in values:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(loop.Trainer, "record", record_then_preempt)
+    original = preempt_at_step(monkeypatch, 20)
     with pytest.raises(SystemExit) as stop:
         run_cls(tiny_model, sentiment_files, part, *common)
     assert stop.value.code == 75

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sys
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import train_ner
 from common import distill, loop, ner
 from common.config import TrainArguments
 from common.errors import UserError, run_cli
-from conftest import run_script
+from conftest import preempt_at_step, run_script
 
 NER_LABELS = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]  # what train_ner.py finds in the toy NER data
 SHORT = ["--per_device_train_batch_size", "16", "--mixed_precision", "no", "--logging_steps", "2"]
@@ -303,14 +302,7 @@ def test_intermediate_distillation_resumes_exactly_and_keeps_the_projection_out_
     common = ["--teacher_model", teachers["cls"], "--distill_hidden", "--distill_attention", "--distill_embeddings",
               "--max_steps", "8", "--checkpointing_steps", "3", "--eval_strategy", "no", "--learning_rate", "1e-3"]
     full = train_cls.main(cls_argv(tiny_model, sentiment_files, tmp_path / "full", *common))
-    original = loop.Trainer.record
-
-    def record_then_preempt(self, values):
-        original(self, values)
-        if self.state.global_step == 5 and "loss" in values:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(loop.Trainer, "record", record_then_preempt)
+    original = preempt_at_step(monkeypatch, 5)
     part = tmp_path / "part"
     with pytest.raises(SystemExit) as stop:
         train_cls.main(cls_argv(tiny_model, sentiment_files, part, *common, "--logging_steps", "1"))
