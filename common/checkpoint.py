@@ -285,10 +285,11 @@ def check_checkpoint(path: str, identity: dict, accelerator, model, optimizer) -
     its trainer state reads, it was written by these scripts in this setup's layout for the same run, it holds
     no file these scripts never write, and its tensors fit the model and the optimizer. Returns its state."""
     where = f"--resume_from_checkpoint '{path}'"
-    error = _read_error(path)
-    if error:
-        raise UserError(f"{where}: {error}; the checkpoint is damaged, resume from another one.")
-    saved = TrainerState.from_file(os.path.join(path, STATE_FILE))
+    try:
+        saved = TrainerState.from_file(os.path.join(path, STATE_FILE))
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{where}: {STATE_FILE} is unreadable ({' '.join(str(err).split())[:120]}); the checkpoint "
+                        "is damaged, resume from another one.") from None
     if saved.format != FORMAT:
         raise UserError(f"{where} was not written by this version of these scripts (its {STATE_FILE} does not name "
                         f"the format '{FORMAT}'); resume only from checkpoints they wrote, or start a new run.")

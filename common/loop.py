@@ -323,9 +323,9 @@ class Trainer:
         self.state.kind = "periodic"
         return path
 
-    def check_checkpoint(self, path: str) -> None:
+    def check_checkpoint(self, path: str) -> ckpt.TrainerState:
         """Before anything is written: `path` is a checkpoint of this very run that fits the model and optimizer."""
-        ckpt.check_checkpoint(path, self.identity, self.accelerator, self.model, self.training.optimizer)
+        return ckpt.check_checkpoint(path, self.identity, self.accelerator, self.model, self.training.optimizer)
 
     def load_checkpoint(self, path: str) -> None:
         """Load a checkpoint that check_checkpoint accepted (collective)."""

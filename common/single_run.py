@@ -110,8 +110,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
                               inputs.collator)
     trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity)
-    if resume is not None:
-        trainer.check_checkpoint(resume)
+    saved = trainer.check_checkpoint(resume) if resume is not None else None
 
     # Output folder: created (or cleared) only now that data, model, training objects and checkpoint checked out.
     reporting.start_output_dir(args.output_dir, args.overwrite_output_dir, resume is not None,
@@ -120,10 +119,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     settings = to_jsonable(ctx.model_args, ctx.data_args, args)
     if accelerator.is_main_process:
         reporting.save_resolved_config(args.output_dir, settings)
-    keep_until = (None if resume is None  # log lines after the resumed step are written again
-                  else ckpt.TrainerState.from_file(os.path.join(resume, ckpt.STATE_FILE)).global_step)
-    if accelerator.is_main_process:
-        trainer.log_fn = reporting.LogWriter(args.output_dir, keep_until)
+    if accelerator.is_main_process:  # log lines after the resumed step are written again
+        trainer.log_fn = reporting.LogWriter(args.output_dir, saved.global_step if saved else None)
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers(task.name, config={k: v for k, v in settings.items()
                                                      if isinstance(v, (int, float, str, bool))})
