@@ -17,6 +17,11 @@ class UserError(Exception):
     The message is shown as is, without a traceback, and the process exits with EXIT_USER_ERROR.
     """
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython (Jupyter, Colab, Kaggle) shows what this returns in place of the traceback: a script's
+        # main(argv) run in the kernel (notebook_launcher with one GPU or on the CPU) fails in one line too.
+        return [f"error: {self}"]
+
 
 def closest(name: str, candidates: Iterable[str]) -> str:
     """' (did you mean 'x'?)' when a candidate is close to `name`, else ''."""

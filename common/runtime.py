@@ -53,6 +53,12 @@ def cpu_bf16_is_fast() -> bool:
         return False
 
 
+def cuda_bf16_is_native() -> bool:
+    """bf16 at full speed: compute capability 8.0 (Ampere) or later, or ROCm. torch.cuda.is_bf16_supported()
+    also says yes on a T4 or V100 (it counts emulation), where bf16 runs far slower than fp16."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability() >= (8, 0)
+
+
 def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[str, str]:
     """(mixed_precision, why). Unset -> the accelerate launcher's setting if any, else 'auto'."""
     why = "--mixed_precision"
@@ -63,7 +69,7 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[s
     kind = device.type
     if requested == "auto":
         if kind == "cuda":
-            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), "auto: CUDA"
+            return ("bf16" if cuda_bf16_is_native() else "fp16"), "auto: CUDA"
         if kind == "xla":
             return "bf16", "auto: XLA"
         if kind == "cpu" and cpu_bf16_is_fast():
@@ -76,6 +82,9 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[s
         raise UserError("--mixed_precision fp16 on Apple MPS needs torch >= 2.5; upgrade torch or use no.")
     if requested == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--mixed_precision bf16 is not supported by this GPU; use fp16 or no.")
+    if requested == "bf16" and kind == "cuda" and not cuda_bf16_is_native():
+        logger.warning("bf16 requested on a GPU before compute capability 8.0 (Ampere), where bf16 is only "
+                       "emulated: it will run much slower than fp16.")
     if requested == "bf16" and kind == "cpu" and not cpu_bf16_is_fast():
         logger.warning("bf16 requested on a CPU without AVX512-BF16/AMX: it will run much slower than fp32.")
     return requested, why

@@ -66,6 +66,7 @@ def test_common_has_no_import_cycle():
     # the layers named in docs/architecture.md, top to bottom
     assert "repeats" not in graph["single_run"] and "launch" not in graph["repeats"]
     assert not graph["log"] and not graph["errors"]
+    assert graph["notebook"] <= {"errors"}  # read by a notebook kernel before anything else is imported
     assert "loop" not in graph["task"] and "single_run" not in graph["loop"]
 
 

@@ -243,13 +243,3 @@ for i in range(2):
                           env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RESULT 2 MULTI_CPU 61") == 2, proc.stdout[-2000:]
-
-
-def test_example_notebook_is_valid_and_launches_main():
-    import nbformat
-
-    nb = nbformat.read(os.path.join(ROOT, "examples", "colab_quickstart.ipynb"), as_version=4)
-    nbformat.validate(nb)
-    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "pip install" in code and "write_basic_config" in code
-    assert "notebook_launcher(train_cls.main, (argv,)" in code
