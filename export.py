@@ -33,6 +33,7 @@ from common import inference as inf
 from common import onnx_export as ox
 from common.config import parse_args
 from common.errors import UserError, run_cli
+from common.files import honour_umask_tree
 from common.log import logger, setup_logging
 from common.reporting import write_json, write_text_atomic
 
@@ -268,15 +269,6 @@ def write_folder(tmp: str, a, tok, head: str, report: dict) -> None:
     write_text_atomic(os.path.join(tmp, "README.md"), ox.model_card(a.model, head, report))
 
 
-def publish(folder: str) -> None:
-    """The permissions a plain mkdir/open would give (temporary files are private until now)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point; `argv` as a list of strings."""
     (a,) = parse_args([ExportArguments], argv, __doc__)
@@ -349,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             with open(os.path.join(tmp, "benchmark.jsonl"), "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in report["benchmark"])
         write_folder(tmp, a, tok, head, report)
-        publish(tmp)
+        honour_umask_tree(tmp)  # mkdtemp made it 0700: the permissions a plain mkdir/open would give
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

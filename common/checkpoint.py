@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .errors import UserError
+from .files import honour_umask_tree
 from .log import logger
 
 STATE_FILE = "trainer_state.json"
@@ -199,6 +200,7 @@ def save_checkpoint(accelerator, model, optimizer, ckpt_root: str, name: str, st
         if accelerator.is_main_process:
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
                 fh.write(state.to_json())
+            honour_umask_tree(tmp)  # safetensors files are written with mode 0600
             _fsync_tree(tmp)
             with open(os.path.join(tmp, COMPLETE), "w") as fh:
                 fh.write("ok\n")

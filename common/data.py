@@ -86,11 +86,6 @@ def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Opti
         df.columns = list(column_names)
     else:
         df.columns = [str(c).strip() for c in df.columns]
-        why = header_looks_like_data(df.columns) if ext in (".csv", ".tsv") else None
-        if why:
-            raise UserError(f"{flag} '{path}' seems to have no header row: its first row looks like data, not column "
-                            f"names ({why}); name the columns with --column_names NAME1 NAME2 ... "
-                            f"({df.shape[1]} names).")
     if len(df) == 0:
         raise UserError(f"{flag} '{path}' has a header but no rows." if ext in (".csv", ".tsv") else
                         f"{flag} '{path}' holds no records.")
@@ -98,18 +93,31 @@ def read_table(path: str, flag: str, encoding: str = "utf-8", column_names: Opti
 
 
 def _check_header(text: str, sep: str, ext: str, flag: str, path: str, explicit: bool) -> None:
-    """The header row of a csv/tsv: names must not repeat, and a header that is one field with another
-    delimiter in it means the file was saved with that delimiter (a ;-separated 'csv' from Excel)."""
-    line = text.split("\n", 1)[0].rstrip("\r")
+    """The header row of a csv/tsv, in this order: a header that is one field with another delimiter in it
+    means the file was saved with that delimiter (a ;-separated 'csv' from Excel); a first row that looks like
+    data means there is no header (--column_names, with the count); names must not repeat (and a repeat may
+    also mean the row is data, so both fixes are named)."""
+    line = text.lstrip("\r\n").split("\n", 1)[0].rstrip("\r")  # pandas skips blank lines before the header
     if ext == ".tsv":
         names = line.split(sep)
     else:
         names = next(csv.reader([line], delimiter=sep), [])
     names = [n.strip() for n in names]
+    _check_delimiter(line, names, sep, ext, flag, path, explicit)
+    why = header_looks_like_data(names)
+    if why:
+        raise UserError(f"{flag} '{path}' seems to have no header row: its first row looks like data, not column "
+                        f"names ({why}); name the columns with --column_names NAME1 NAME2 ... ({len(names)} names).")
     repeated = sorted({n for n in names if n and names.count(n) > 1})
     if repeated:
-        raise UserError(f"{flag} '{path}': column '{repeated[0]}' appears twice in the header row; rename one of them "
-                        "so that every column has its own name.")
+        raise UserError(f"{flag} '{path}': column '{repeated[0]}' appears twice in the header row; if that row is the "
+                        "header, rename one of them so that every column has its own name; if it is data (the file "
+                        f"has no header row), name the columns with --column_names NAME1 NAME2 ... ({len(names)} "
+                        "names).")
+
+
+def _check_delimiter(line: str, names: list, sep: str, ext: str, flag: str, path: str, explicit: bool) -> None:
+    """A header read as one column that holds another delimiter: the file was saved with that one."""
     if len(names) == 1 and not explicit:
         found = [d for d in DELIMITER_NAMES if d != sep and d in line]
         if found:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .config import parse_layer_map
 from .errors import UserError
+from .files import honour_umask
 from .log import logger
 from .models import encoder_layers, load_config, load_pretrained, load_tokenizer
 from .task import Objective, model_inputs
@@ -252,6 +253,7 @@ def cached_logits(key: str, n: int, compute: Callable[[], LogitStore], accelerat
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             save_file({"values": store.values.contiguous(), "offsets": store.offsets}, tmp)
+            honour_umask(tmp)  # safetensors writes mode 0600; the cache may be shared
             os.replace(tmp, path)
         except OSError as err:  # cache not writable: go on without it
             logger.warning("could not cache the teacher's logits in %s (%s)", path, err)

@@ -24,6 +24,7 @@ from .build import Training
 from .config import TrainArguments
 from .errors import UserError
 from .evaluation import EvalResult, evaluate
+from .files import honour_umask_files
 from .log import logger
 from .metrics import greater_is_better
 from .runtime import Runtime, set_sync_gradients
@@ -450,6 +451,7 @@ class Trainer:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict, save_function=acc.save,
                                       safe_serialization=True)
             tokenizer.save_pretrained(output_dir)
+            honour_umask_files(output_dir)  # safetensors writes model.safetensors with mode 0600
         acc.wait_for_everyone()
 
     def cleanup_best(self) -> None:

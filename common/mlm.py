@@ -18,7 +18,7 @@ import torch
 
 from .data import TABLE_EXTENSIONS, read_table, require_columns
 from .errors import UserError, fmt_columns
-from .files import check_file, read_text
+from .files import check_file, honour_umask, read_text
 from .validate import text_values
 
 TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
@@ -329,5 +329,6 @@ def carry_pooler(model_args, unexpected: Sequence[str], prefix: str, output_dir:
     tensors.update({k: v.contiguous() for k, v in extra.items() if k not in tensors})
     tmp = dst + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
+    honour_umask(tmp)  # safetensors writes mode 0600
     os.replace(tmp, dst)
     return sorted(extra)

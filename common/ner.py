@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from .data import is_missing, read_table
 from .errors import UserError, closest, fmt_columns
-from .files import check_file, first_line, read_text
+from .files import c1_only, check_file, first_line, read_text
 from .log import logger
 from .validate import check_variants, is_number, kind_of
 
@@ -64,51 +65,85 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
                encoding: str = "utf-8") -> Sentences:
     """CoNLL columns: the token in column 0, the tag in `tag_column_index` (default: the last column).
 
-    `-DOCSTART-` lines are skipped; several blank lines count as one separator. A file whose lines all
-    have a single column is an unlabelled file (allowed for --test_file only; the caller checks)."""
+    Columns are split on tabs when every token line has the same number of tabs (a token may then hold a
+    space: 'new york<TAB>B-LOC'), else on any run of spaces and tabs; a line with another number of columns
+    than the file's other lines is an error naming it, never a token cut short. `-DOCSTART-` lines are
+    skipped; several blank lines count as one separator. A file whose lines have a single column is an
+    unlabelled file (allowed for --test_file only; the caller checks)."""
     check_file(path, flag, CONLL_EXTENSIONS)
     where = f"{flag} '{path}'"
     lines = read_text(path, flag, encoding).split("\n")  # not splitlines(): U+0085 and friends may be tokens
+    tabs = _tabs_per_line(lines)
     blocks: list[tuple[int, list[tuple[int, list[str]]]]] = []  # (first line, [(line no, columns)])
     current: list[tuple[int, list[str]]] = []
     for number, line in enumerate(lines, start=1):
-        cols = split_words(line)
-        if not cols or cols[0] == "-DOCSTART-":
+        words = split_words(line)
+        if not words or words[0] == "-DOCSTART-":
             if current:
                 blocks.append((current[0][0], current))
                 current = []
             continue
-        current.append((number, cols))
+        current.append((number, [c.strip(_ASCII_SPACE) for c in line.split("\t")] if tabs else words))
     if current:
         blocks.append((current[0][0], current))
     if not blocks:
         raise UserError(f"{where} holds no sentences (expected one token per line, a blank line between sentences).")
-    unlabelled = all(len(cols) == 1 for _, block in blocks for _, cols in block)
+    if tabs:
+        spaced = [c for _, block in blocks for _, cols in block for c in cols if " " in c]
+        logger.info("%s: columns split on tabs (%d on every line)%s", where, tabs,
+                    f"; {len(spaced)} fields hold spaces, e.g. {spaced[0]!r}" if spaced else "")
+    widths = Counter(len(cols) for _, block in blocks for _, cols in block)
+    usual = max(widths, key=lambda w: (widths[w], w))  # the most common number of columns (a tie: the larger)
+    unlabelled = usual == 1
     if not unlabelled:
         _check_conll_layout(blocks, where, tag_column_index)
     out = Sentences([], None if unlabelled else [], [], where)
     for index, (first, block) in enumerate(blocks, start=1):
-        row = f"sentence {index} (line {first})"
-        if unlabelled:
-            out.tokens.append([cols[0] for _, cols in block])
-            out.rows.append(row)
-            continue
-        bad = next(((n, cols) for n, cols in block if len(cols) < 2 or not -len(cols) <= tag_column_index < len(cols)
-                    or tag_column_index % len(cols) == 0), None)
+        bad = _bad_conll_line(block, where, usual, tag_column_index)
         if bad is not None:
-            n, cols = bad
-            odd = next((c for c in " ".join(cols) if c.isspace() and c not in _ASCII_SPACE), None)
-            reason = (f"{where}, line {n}: {len(cols)} column(s) {cols!r}, but the tag is read from column "
-                      f"{tag_column_index} (--tag_column_index) and the token from column 0" +
-                      (f" (U+{ord(odd):04X} is not a column separator: use spaces or tabs)" if odd else ""))
+            reason, fix = bad
             if skip_bad_rows:
                 _skip(out, reason)
                 continue
-            raise UserError(reason + "; fix the line, set --tag_column_index, or pass --skip_bad_rows.")
+            raise UserError(f"{reason}; {fix}, or pass --skip_bad_rows.")
         out.tokens.append([cols[0] for _, cols in block])
-        out.tags.append([cols[tag_column_index] for _, cols in block])
-        out.rows.append(row)
+        if not unlabelled:
+            out.tags.append([cols[tag_column_index] for _, cols in block])
+        out.rows.append(f"sentence {index} (line {first})")
     return out
+
+
+def _tabs_per_line(lines: Sequence[str]) -> int:
+    """The number of tabs every token line has (a tab-separated file), or 0: then columns are split on runs of
+    spaces and tabs, as in CoNLL-2003's own files (which mix them)."""
+    counts = set()
+    for line in lines:
+        text = line.strip(_ASCII_SPACE)
+        if text and not (text.startswith("-DOCSTART-") and split_words(text)[0] == "-DOCSTART-"):
+            counts.add(line.count("\t"))
+            if len(counts) > 1:
+                return 0
+    return counts.pop() if counts else 0
+
+
+def _bad_conll_line(block: list, where: str, usual: int, tag_column_index: int) -> Optional[tuple[str, str]]:
+    """(why a sentence's lines cannot be read: its first bad line, what to do) or None. `usual`: the file's usual
+    number of columns (1: an unlabelled file)."""
+    for n, cols in block:
+        if usual > 1 and (len(cols) < 2 or not -len(cols) <= tag_column_index < len(cols)
+                          or tag_column_index % len(cols) == 0):
+            odd = next((c for c in " ".join(cols) if c.isspace() and c not in _ASCII_SPACE), None)
+            return (f"{where}, line {n}: {len(cols)} column(s) {cols!r}, but the tag is read from column "
+                    f"{tag_column_index} (--tag_column_index) and the token from column 0" +
+                    (f" (U+{ord(odd):04X} is not a column separator: use spaces or tabs)" if odd else ""),
+                    "fix the line, set --tag_column_index")
+        if len(cols) != usual:
+            spaced = ("" if len(cols) < usual else " (a tag in a file of tokens only, or a token holding a space?)"
+                      if usual == 1 else " (a token holding a space? separate the columns with one tab each, on "
+                      "every line: then a token may hold spaces)")
+            return (f"{where}, line {n}: {len(cols)} columns {cols!r} where the file's other lines have {usual}"
+                    f"{spaced}", "fix the line")
+    return None
 
 
 def _check_conll_layout(blocks: list, where: str, tag_column_index: int) -> None:
@@ -208,7 +243,7 @@ def group_word_rows(df, where: str, id_col: str, tokens_column: Optional[str], t
         if i < len(ids) and (sid is None or sid == current):
             continue
         if current is not None:
-            out.tokens.append(["" if is_missing(w) else str(w) for w in words[start:i]])
+            out.tokens.append([_cell_word(w) for w in words[start:i]])
             if tags is not None:
                 out.tags.append([str(t).strip() if not is_missing(t) else "" for t in tags[start:i]])
             out.rows.append(f"sentence {str(current)!r} (rows {start + 1}-{i})")
@@ -221,6 +256,12 @@ def group_word_rows(df, where: str, id_col: str, tokens_column: Optional[str], t
         current, start = sid, i
         seen[sid] = i + 1
     return out
+
+
+def _cell_word(value) -> str:
+    """A word cell of a one-word-per-row table: blank -> '' (reported by `clean` as an empty word), but a cell
+    of C1 control characters is kept for `clean` to name."""
+    return str(value) if not is_missing(value) or c1_only(value) else ""
 
 
 def from_dataset(ds, where: str, tokens_column: Optional[str], tags_column: Optional[str],
@@ -281,7 +322,7 @@ def _as_list(value) -> Optional[list]:
 def parse_tokens(value, where: str, row: str, column: str) -> list:
     items = _as_list(value)
     if items is None:
-        if is_missing(value):
+        if is_missing(value) and not c1_only(value):
             return []
         if not isinstance(value, str):
             raise UserError(f"{where}, {row}: token column '{column}' holds {type(value).__name__} {value!r}; "
@@ -351,14 +392,18 @@ def _skip(out: Sentences, reason: str) -> None:
 def clean(sents: Sentences, label_names: Optional[list], scheme: Optional[str], skip_bad_rows: bool) -> Sentences:
     """Tags as strings; every row checked (empty sentence, token/tag count mismatch, unknown or
     malformed tag). A bad row raises a UserError naming the file and row, or with `skip_bad_rows` is
-    dropped and counted."""
+    dropped and counted. Words made only of C1 control characters (Windows-1252 text decoded as Latin-1
+    before it came here) are kept, said in one warning: the tokenizer drops them, so each is scored as a
+    predicted 'O' and counted in `dropped_words`."""
     names = sents.class_names or label_names
     allowed = set(label_names) if label_names else None
     pattern = tag_pattern(scheme)
     out = Sentences([], [] if sents.tags is not None else None, [], sents.where, sents.class_names,
                     sents.skipped, list(sents.skip_reasons))
+    controls = []  # (row, word number, message) of each word made only of C1 control characters
     for i, (words, row) in enumerate(zip(sents.tokens, sents.rows)):
         reason, tags = None, None
+        controls += [(row, j + 1, c1_only(w)) for j, w in enumerate(words) if c1_only(w)]
         if not words:
             reason = f"{sents.where}, {row}: the sentence is empty"
         elif any(not w.strip(_ASCII_SPACE) for w in words):
@@ -381,6 +426,11 @@ def clean(sents: Sentences, label_names: Optional[list], scheme: Optional[str], 
         out.rows.append(row)
         if out.tags is not None:
             out.tags.append(tags)
+    if controls:
+        row, j, what = controls[0]
+        logger.warning("%s, %s: word %d is %s. Kept: the tokenizer drops it, so it is scored as a predicted 'O' "
+                       "(%d such word(s) in all; results.json: dropped_words)", sents.where, row, j, what,
+                       len(controls))
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .files import honour_umask
 from .validate import check_output_path
 
 RESULTS = "results.json"
@@ -43,6 +44,7 @@ def write_text_atomic(path: str, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        honour_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

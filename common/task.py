@@ -51,6 +51,8 @@ from typing import Any, Optional
 
 import torch
 
+from .files import honour_umask
+
 
 @dataclass
 class Context:
@@ -190,6 +192,7 @@ class PredictionWriter:
 
     def close(self) -> None:
         self.fh.close()
+        honour_umask(self.tmp)  # mkstemp made it 0600
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -5,7 +5,8 @@ whose one sentence names the file, row, column or flag and what to do. The scrip
 they need (which columns hold text, which hold labels, which metrics their objective reports); the
 engine runs the path, metric and checkpoint checks before `reporting.start_output_dir`.
 
-    column values   text_values (text, never numbers/lists/objects), is_number, is_missing
+    column values   text_values (text, never numbers/lists/objects, never only C1 control characters),
+                    is_number, is_missing
     labels          label_value (one label per row), check_label_kinds (numbers and words not mixed),
                     variant_groups / check_variants (no 'pos' and 'Pos' as two classes),
                     check_label_count (an id or a text column is not a label column)
@@ -24,6 +25,7 @@ import unicodedata
 from typing import Callable, Iterable, Optional, Sequence
 
 from .errors import UserError, closest
+from .files import c1_only
 
 MIN_FREE_MB = 50
 
@@ -33,7 +35,9 @@ MIN_FREE_MB = 50
 # ---------------------------------------------------------------------------------------------
 
 def is_missing(v: object) -> bool:
-    """None, NaN (pandas' NA and NaT too), or a blank string."""
+    """None, NaN (pandas' NA and NaT too), or a blank string (U+0085, a C1 control character, is blank to
+    str.strip(): the checks that report a blank cell first say when it is made of such characters,
+    `files.c1_only`)."""
     if v is None or type(v).__name__ in ("NAType", "NaTType"):
         return True
     if isinstance(v, float) and math.isnan(v):
@@ -88,12 +92,16 @@ def kind_of(v: object) -> Optional[str]:
 def text_values(values: Sequence, where: str, column: str, flag: str, skip_missing: bool = False
                 ) -> tuple[list[str], int]:
     """The cells of a text column as strings, and how many blank ones were skipped (`skip_missing`; else a
-    blank cell is an error naming its row). A cell holding a list, an object, a number or a boolean (JSON,
+    blank cell is an error naming its row; a cell of C1 control characters only counts as blank, and the
+    error says what it holds). A cell holding a list, an object, a number or a boolean (JSON,
     parquet) is refused with its row, and so is a column holding nothing but numbers (an id or a label
     column picked by mistake): a model would train on digits."""
     texts, skipped = [], 0
     for i, v in enumerate(values):
-        if is_missing(v):
+        control = c1_only(v)
+        if control and not skip_missing:
+            raise UserError(f"{where}, row {i + 1}: text column '{column}' is {control}.")
+        if is_missing(v) or control:
             if skip_missing:
                 skipped += 1
                 continue
@@ -118,6 +126,9 @@ def text_values(values: Sequence, where: str, column: str, flag: str, skip_missi
 def label_value(v: object, where: str, row: int, column: str):
     """One cell of a label column as a python value: a number (int or float; booleans count as 0/1) or a
     stripped word. Empty cells, lists (multi-label) and objects are refused with their row."""
+    control = c1_only(v)
+    if control:
+        raise UserError(f"{where}, row {row + 1}: label column '{column}' is {control}.")
     if is_missing(v):
         raise UserError(f"{where}, row {row + 1}: label column '{column}' is empty; fill it or drop the row.")
     if isinstance(v, bool) or type(v).__name__ == "bool_":

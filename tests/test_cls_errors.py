@@ -59,7 +59,7 @@ CASES = [
     ("empty file", "empty", [], "is empty"),
     ("txt without tabs", "plain_txt", [], "is a .txt file without tab-separated columns"),
     ("header only", "header_only", [], "has a header but no rows"),
-    ("not utf-8", "latin1", [], "is not valid utf-8 text; if the file is Latin-1"),
+    ("not utf-8", "latin1", [], "is not valid utf-8 text; the file looks like Windows-1252"),
     ("malformed json", "broken_json", [], "could not be parsed as json"),
     ("ambiguous columns", "ambiguous", [], "text columns are ambiguous among 'id', 'text', 'label'"),
     ("misspelled column", "good", ["--text_column", "sentense"],

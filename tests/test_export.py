@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.tx
 pytest.importorskip("onnxscript", reason="pip install -r requirements-export.txt")
 
 import export  # noqa: E402  (after the skip: it needs nothing optional at import, but the tests do)
+from common import files  # noqa: E402
 from common import onnx_export as ox  # noqa: E402
 from common.errors import UserError  # noqa: E402
 
@@ -182,6 +184,9 @@ def test_overwrite_replaces_and_tolerance_is_a_flag(cls_model, tmp_path):
     report = export.main(["--model", cls_model, "--output_dir", str(out), "--overwrite_output_dir",
                           "--quantize", "int8", "--int8_keep_fp32", "layer.0", "head"])
     assert sorted(os.listdir(tmp_path)) == ["out"] and not (out / "old.txt").exists()
+    mask = files.umask()  # the folder was a private temporary one: it and its files get the umask's modes
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]} == {
+        p.name: (0o777 if p.is_dir() else 0o666) & ~mask for p in [out, *out.iterdir()]}
     assert report["parity"]["from"] == "random" and report["int8"]["kept_fp32"] == ["layer.0", "head"]
     assert report["int8"]["nodes_kept_fp32"] >= 2
 

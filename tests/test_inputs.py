@@ -168,7 +168,7 @@ def test_zip_with_several_files_names_them(tiny_model, tmp_path):
 def test_latin1_file_error_names_the_byte_and_the_flag(tiny_model, tmp_path):
     path = tmp_path / "latin.csv"
     path.write_bytes("sentence,label\ngood caf\u00e9,pos\nbad film,neg\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"line 2: byte 0xe9 .*--encoding latin-1"):
+    with pytest.raises(UserError, match=r"line 2: byte 0xe9 .*looks like Windows-1252 .*--encoding cp1252"):
         train_cls.main(["--model", tiny_model, "--train_file", str(path), "--output_dir", str(tmp_path / "o")])
     with pytest.raises(UserError, match="--encoding 'klingon' is not a text encoding"):
         train_cls.main(["--model", tiny_model, "--train_file", str(path), "--encoding", "klingon"])

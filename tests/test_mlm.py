@@ -356,6 +356,9 @@ def test_model_without_mlm_head_is_reported_and_trains(tiny_model, texts, tmp_pa
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as fh, \
             safe_open(os.path.join(bare, "model.safetensors"), "pt") as src:
         assert torch.equal(fh.get_tensor("bert.pooler.dense.weight"), src.get_tensor("pooler.dense.weight"))
+    from common.files import umask
+
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask()  # rewritten: not 0600
 
 
 def test_mlm_resume_replays_the_same_masks(tiny_model, texts, tmp_path):
