@@ -33,7 +33,7 @@ from common.log import logger
 from common.metrics import classification_metrics, classification_names, regression_metrics
 from common.models import load_pretrained
 from common.predictions import CsvPredictions
-from common.splits import data_block, plan_rows, split_origins
+from common.splits import data_block, plan_rows, says_all, split_origins
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
 
 
@@ -124,7 +124,7 @@ class ClassificationTask(Task):
         texts, pair, label_col = resolve_columns(a, columns, where[first], first == "test")
         suspect = (forgotten_pair(splits[first], columns, texts[0], label_col, a.ignore_columns or [], where[first])
                    if args.do_train and len(texts) == 1 and not pair else None)
-        if suspect:
+        if suspect and says_all(ctx.split, args.seed):  # once per job, not per fold
             logger.warning(suspect)
         flag_of = {c: "--text_columns" if a.text_columns else "--text_column" for c in texts}
         if pair:

@@ -32,7 +32,7 @@ from .validate import (
 KNOWN_LAYOUTS = [("sentence",), ("text",), ("sentence1", "sentence2"), ("question", "sentence"),
                  ("question1", "question2"), ("premise", "hypothesis"), ("#1 String", "#2 String")]
 KNOWN_LABELS = ("label", "labels", "Quality")
-IGNORED = ("idx",)  # GLUE's row index on the Hub
+IGNORED = ("idx", "index")  # GLUE's row index on the Hub and in its test.tsv files
 MRPC_IDS = ("#1 ID", "#2 ID")  # the raw MRPC TSV's id columns
 # The two texts of a pair as public data sets name them (either one may be the first text); numbered or lettered
 # names (s1/s2, text_a/text_b, "#1 String"/"#2 String") are recognised by pattern as well.
@@ -129,7 +129,7 @@ def forgotten_pair(table, columns: Sequence[str], text: str, label: str, ignored
     Ids, indices, labels and --ignore_columns are never suspects."""
     candidates = [c for c in columns if c not in (text, label) and c not in ignored and not NOT_TEXT.search(str(c))
                   and c not in IGNORED + MRPC_IDS]
-    base = _text_lengths(_sample(table, text)) if candidates else None
+    base = _text_lengths(_sample(table, text)) if candidates and text in columns else None  # missing: said later
     if not base:
         return None
     named, similar = [], []

@@ -81,12 +81,18 @@ def split_origins(where: dict, idx: dict, split, seed: int, validation_split: fl
     return out
 
 
+def says_all(split, run_seed: Optional[int]) -> bool:
+    """Whether a run tells the whole story of its data: a single run, or in a multi-run job (`split`: its
+    plan.SplitPlan) the first run of each split (its first fold, the seed that drew it); the others are briefer."""
+    return split is None or (split.fold == 0 and split.seed == run_seed)
+
+
 def data_block(head: str, sizes: dict, origins: dict, split=None, run_seed: Optional[int] = None) -> str:
     """The log's account of a run's data: `head` (the source and the columns used), then each split's size
-    (split -> "367 rows") and origin (split_origins). In a multi-run job (`split`: its plan.SplitPlan) the first
-    run of each split (its first fold, the seed that drew it) says it all; the other runs get one line of sizes."""
+    (split -> "367 rows") and origin (split_origins); one line of sizes where a multi-run job's run is not the first
+    of its split (says_all)."""
     order = [s for s in ("train", "validation", "test") if s in sizes]
-    if split is not None and (split.fold > 0 or split.seed != run_seed):
+    if not says_all(split, run_seed):
         return "data: " + ", ".join(f"{s} {sizes[s]}" for s in order) + (
             f" (held-out fold {split.fold + 1} of {split.kfold})" if split.kfold else "")
     width = max(len(sizes[s]) for s in order) if order else 0

@@ -83,6 +83,9 @@ def test_ignore_columns_completes_a_known_layout_and_never_names_a_used_column()
     with pytest.raises(UserError, match="ambiguous.*--ignore_columns"):
         resolve_columns(cols(), columns, "f")
     assert resolve_columns(cols(ignore_columns=["id"]), columns, "f") == (["sentence"], None, "label")
+    # GLUE's test.tsv files lead with an 'index' column
+    glue_test = ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    assert resolve_columns(cols(), glue_test, "f", unlabelled_ok=True) == (["#1 String"], "#2 String", "label")
     with pytest.raises(UserError, match="both used .* and in --ignore_columns"):
         resolve_columns(cols(text_column="sentence", ignore_columns=["sentence"]), columns, "f")
 
