@@ -36,6 +36,7 @@ from common.errors import UserError, run_cli
 from common.files import honour_umask_tree
 from common.log import logger, setup_logging
 from common.reporting import write_json, write_text_atomic
+from common.run_settings import table_reading, training_settings
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -131,17 +132,6 @@ def check_inputs(a: ExportArguments) -> None:
         raise UserError(f"--output_dir '{a.output_dir}' is not writable (no write permission on '{parent}').")
 
 
-def training_settings(model_dir: str) -> dict:
-    """The data settings the model was trained with (training_args.yaml), if the folder has them."""
-    import yaml
-
-    path = os.path.join(model_dir, "training_args.yaml")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh) or {}
-
-
 def read_data(a: ExportArguments, head: str, tok, names: list, config, settings: dict) -> inf.EvalSet:
     """--data as an evaluation set, read and tokenized the way the model's training script does."""
     max_length = a.max_length or settings.get("max_length") or 128
@@ -155,16 +145,16 @@ def read_data(a: ExportArguments, head: str, tok, names: list, config, settings:
     import pandas as pd
 
     from common.data import read_table
-    from train_cls import resolve_columns
+    from common.labels import resolve_columns
 
     # the training run's reading settings (a headerless table's names, a non-UTF-8 encoding) apply to --data too
-    df = read_table(a.data, "--data", settings.get("encoding") or "utf-8", settings.get("column_names"))
+    df = read_table(a.data, "--data", *table_reading(settings, a.data, "--data"))
     given = a.text_column or a.text_pair_column
     cols = SimpleNamespace(
         text_columns=None if given else settings.get("text_columns"),
         text_column=a.text_column if given else settings.get("text_column"),
         text_pair_column=a.text_pair_column if given else settings.get("text_pair_column"),
-        label_column=a.label_column or settings.get("label_column"))
+        label_column=a.label_column or settings.get("label_column"), ignore_columns=settings.get("ignore_columns"))
     texts, pair, label = resolve_columns(cols, list(df.columns), f"--data '{a.data}'")
     sep = settings.get("text_separator")
     sep = sep if sep is not None else f" {tok.sep_token or ''} "

@@ -18,22 +18,23 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataSourceArguments
-from common.data import read_hub_splits, read_table, require_columns, source_name, tokenize_split, tokenizer_fingerprint
-from common.errors import UserError, fmt_columns, run_cli
-from common.labels import labels_from_model, read_split_labels, resolve_labels
+from common.data import read_hub_splits, read_table, source_name, tokenize_split, tokenizer_fingerprint
+from common.errors import UserError, run_cli
+from common.labels import (
+    describe_columns,
+    forgotten_pair,
+    labels_from_model,
+    read_split_labels,
+    resolve_columns,
+    resolve_labels,
+)
 from common.launch import launch
+from common.log import logger
 from common.metrics import classification_metrics, classification_names, regression_metrics
 from common.models import load_pretrained
 from common.predictions import CsvPredictions
-from common.splits import plan_rows
+from common.splits import data_block, plan_rows, says_all, split_origins
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
-
-# Column layouts recognised without flags: the non-label columns must be exactly one of these.
-KNOWN_LAYOUTS = [("sentence",), ("text",), ("sentence1", "sentence2"), ("question", "sentence"),
-                 ("question1", "question2"), ("premise", "hypothesis"), ("#1 String", "#2 String")]
-KNOWN_LABELS = ("label", "labels", "Quality")
-IGNORED = ("idx",)  # GLUE's row index on the Hub
-MRPC_IDS = ("#1 ID", "#2 ID")  # the raw MRPC TSV's id columns
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ClsDataArguments(DataSourceArguments):
     text_separator: Optional[str] = field(default=None, metadata={
         "help": "Joins --text_columns (default: the tokenizer's separator token between spaces)."})
     label_column: Optional[str] = field(default=None, metadata={"help": "The label column."})
+    ignore_columns: Optional[list[str]] = field(default=None, metadata={
+        "help": "Columns that are neither text nor label: left out of the known-layout match, and never taken "
+                "for a forgotten second text (confirms single-text training beside a pair-like column)."})
     allow_unseen_labels: bool = field(default=False, metadata={
         "help": "Accept validation/test labels that never occur in training (the model cannot predict them)."})
     task_type: Literal["auto", "classification", "regression"] = field(default="auto", metadata={
@@ -59,6 +63,10 @@ class ClsDataArguments(DataSourceArguments):
     test_split: float = field(default=0.0, metadata={
         "help": "Fraction of the training file held out as a test set when there is no test data "
                 "(--test_split 0.15 --validation_split 0.15: a 70/15/15 split)."})
+
+    reused_settings = DataSourceArguments.reused_settings + (
+        (("text_column", "text_pair_column", "text_columns", "text_separator"), "table"), (("label_column",), "table"),
+        (("ignore_columns",), "table"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,38 +96,6 @@ def read_splits(a: ClsDataArguments, model_args) -> tuple[dict, dict]:
     return splits, where
 
 
-def resolve_columns(a: ClsDataArguments, columns: list, where: str, unlabelled_ok: bool = False
-                    ) -> tuple[list[str], Optional[str], str]:
-    """(text columns, pair column or None, label column); explicit flags or an exact known layout. A file to
-    predict (unlabelled_ok) may lack the label column."""
-    label = a.label_column
-    if unlabelled_ok and not any(c in columns for c in ([label] if label else KNOWN_LABELS)):
-        label = label or KNOWN_LABELS[0]
-    elif label is not None:
-        require_columns(columns, [label], where, {label: "--label_column"})
-    else:
-        found = [c for c in KNOWN_LABELS if c in columns]
-        if len(found) != 1:
-            raise UserError(f"{where}: cannot tell the label column among {fmt_columns(columns)}; "
-                            "pass --label_column.")
-        label = found[0]
-    given = list(a.text_columns or [a.text_column] + ([a.text_pair_column] if a.text_pair_column else []))
-    if a.text_columns or a.text_column:
-        twice = next((c for c in given + [label] if (given + [label]).count(c) > 1), None)
-        if twice is not None:
-            raise UserError(f"column '{twice}' is named twice among the text and label columns (--text_column(s), "
-                            "--text_pair_column, --label_column); each needs its own column.")
-        return (given, None, label) if a.text_columns else ([a.text_column], a.text_pair_column, label)
-    rest = tuple(c for c in columns if c != label and c not in IGNORED and c not in MRPC_IDS)
-    for layout in KNOWN_LAYOUTS:
-        if rest == layout or (set(rest) == set(layout) and len(rest) == len(layout)):
-            return [layout[0]], (layout[1] if len(layout) > 1 else None), label
-    unnamed = [c for c in columns if str(c).startswith("Unnamed: ")]
-    note = f" (the column pandas calls '{unnamed[0]}' has no name in the header: a saved row index?)" if unnamed else ""
-    raise UserError(f"{where}: the text columns are ambiguous among {fmt_columns(columns)}{note}; pass "
-                    "--text_column (and --text_pair_column for pairs) or --text_columns to join several.")
-
-
 @dataclass
 class ClsState:
     """What the data told us, used by the model, the objective and the predictions file."""
@@ -146,6 +122,10 @@ class ClassificationTask(Task):
         first = "train" if "train" in splits else next(iter(splits))  # --no_do_train: validation/test only
         columns = getattr(splits[first], "column_names", None) or list(splits[first].columns)
         texts, pair, label_col = resolve_columns(a, columns, where[first], first == "test")
+        suspect = (forgotten_pair(splits[first], columns, texts[0], label_col, a.ignore_columns or [], where[first])
+                   if args.do_train and len(texts) == 1 and not pair else None)
+        if suspect and says_all(ctx.split, args.seed):  # once per job, not per fold
+            logger.warning(suspect)
         flag_of = {c: "--text_columns" if a.text_columns else "--text_column" for c in texts}
         if pair:
             flag_of[pair] = "--text_pair_column"
@@ -193,6 +173,10 @@ class ClassificationTask(Task):
             prepared = {split: pool.select(rows) for split, rows in idx.items()}
             out = {split: tok_pool.select(rows) for split, rows in idx.items()}
         derived = sorted(s for s in idx if s != "train")
+        seed = ctx.split.seed if ctx.split else args.seed
+        how = "given" if a.text_columns or a.text_column else "a recognised layout"
+        origins = split_origins(where, idx, ctx.split, seed, a.validation_split, a.test_split, args.max_train_samples,
+                                stratified=not regression)
         for split in ("validation", "test"):
             if split in splits:
                 ds = splits[split]
@@ -200,12 +184,14 @@ class ClassificationTask(Task):
                 ds = ds.add_column("__label", ids[split]) if labelled.get(split) else ds
                 prepared[split] = ds
                 out[split] = tokenize(split, ds)
+        logger.info(data_block(f"{source_name(a)}: {describe_columns(texts, pair, label_col, columns, how)}",
+                               {s: f"{len(d)} rows" for s, d in out.items()}, origins, ctx.split, args.seed))
         truncated = int(sum(1 for n in out["train"]["length"] if n >= a.max_length)) if "train" in out else 0
         info = {"source": source_name(a), "text_columns": texts, "text_pair_column": pair, "label_column": label_col,
                 "problem_type": "regression" if regression else "single_label_classification",
                 "labels": class_names, "sizes": {s: len(d) for s, d in out.items()},
                 "derived_splits": derived, "train_truncated_examples": truncated,
-                "split_seed": ctx.split.seed if ctx.split else args.seed,
+                "split_seed": seed,
                 **({"kfold": ctx.split.kfold, "fold": ctx.split.fold + 1, "held_out_rows": len(idx["test"])}
                    if ctx.split and ctx.split.kfold else {}),
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out if s not in derived}}

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 
 from common import mlm
 from common.config import DataSourceArguments
-from common.data import flat_values, read_hub_splits, source_name, tokenize_split, tokenizer_fingerprint
+from common.data import flat_values, source_name, tokenize_split, tokenizer_fingerprint
 from common.errors import UserError, run_cli
 from common.launch import launch
 from common.log import logger
 from common.metrics import MLM_METRICS
 from common.models import load_pretrained
-from common.splits import plan_rows
+from common.splits import data_block, plan_rows, split_origins
 from common.task import BuiltModel, Context, Objective, PreparedData, Task
 
 TEXT_COLUMNS = ("text", "sentence", "content", "body", "document")
@@ -58,30 +58,19 @@ class MlmDataArguments(DataSourceArguments):
     eval_mask_seed: int = field(default=0, metadata={
         "help": "Seed of the fixed evaluation masks (independent of --seed, so runs compare)."})
 
+    reused_settings = DataSourceArguments.reused_settings + (
+        (("text_column",), "table"), (("line_by_line",), "any"), (("mlm_probability",), "any"),
+        (("whole_word_mask",), "any"), (("eval_mask_seed",), "any"))
+
+    def file_layout(self, path: str, flag: str) -> str:
+        return mlm.file_layout(path, flag)
+
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.mlm_probability < 1:
             raise UserError(f"--mlm_probability must be between 0 and 1 (exclusive), got {self.mlm_probability}.")
         if not 0 <= self.eval_mask_seed < 2**63:
             raise UserError(f"--eval_mask_seed must be in [0, 2**63), got {self.eval_mask_seed}.")
-
-
-def read_splits(a: MlmDataArguments, model_args) -> tuple[dict, dict, dict]:
-    """split -> texts, split -> where from, split -> blank rows skipped."""
-    texts, where, skipped = {}, {}, {}
-    if a.dataset:
-        names = {"train": a.train_split_name, "validation": a.validation_split_name, "test": "test"}
-        hub, where = read_hub_splits(a, model_args.cache_dir, names)
-        for split, ds in hub.items():
-            col = mlm.text_column_of(ds.column_names, a.text_column, TEXT_COLUMNS, where[split])
-            texts[split], skipped[split] = mlm.texts_from_column(ds[col], where[split], col)
-        return texts, where, skipped
-    for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
-                              "--validation_file"), ("test", a.test_file, "--test_file")):
-        if path:
-            texts[split], skipped[split] = mlm.read_texts(path, flag, a, TEXT_COLUMNS)
-            where[split] = f"{flag} '{path}'"
-    return texts, where, skipped
 
 
 @dataclass
@@ -102,8 +91,8 @@ class MlmTask(Task):
         if tok.mask_token_id is None:
             raise UserError(f"the tokenizer of '{ctx.model_args.model}' has no mask token, so it cannot be "
                             "trained as a masked language model.")
-        texts, where, skipped = read_splits(a, ctx.model_args)
-        derived = False
+        texts, where, skipped, columns = mlm.read_splits(a, ctx.model_args.cache_dir, TEXT_COLUMNS)
+        rows: dict = {}
         if "train" in texts and "validation" not in texts and a.validation_split > 0:
             if len(texts["train"]) < 2:
                 raise UserError(f"{where['train']} has a single text: too little to hold out "
@@ -112,7 +101,6 @@ class MlmTask(Task):
             rows = plan_rows(len(texts["train"]), None, ctx.split.seed if ctx.split else args.seed, set(texts),
                              a.validation_split)
             texts.update({split: [texts["train"][i] for i in rows[split]] for split in ("train", "validation")})
-            derived = True
 
         special_ids = sorted(set(tok.all_special_ids))
         packed = not a.line_by_line
@@ -142,15 +130,18 @@ class MlmTask(Task):
                                     "more evaluation text.")
                 stats[split]["masked_tokens"] = n_masked
             out[split] = enc
-            logger.info("%s: %d texts -> %d %s, %d tokens%s", split, len(texts[split]), len(enc),
-                        "blocks" if packed else "lines", tokens,
-                        f" ({stats[split]['masked_tokens']} masked for evaluation)" if split != "train" else "")
         if args.max_train_samples and "train" in out:
             out["train"] = out["train"].select(range(min(args.max_train_samples, len(out["train"]))))
+        origins = split_origins(where, rows, ctx.split, ctx.split.seed if ctx.split else args.seed, a.validation_split,
+                                max_train_samples=args.max_train_samples)
+        logger.info(data_block(f"{source_name(a)}: {columns}", {s: f"{st['texts']} texts -> {len(out[s])} " + (
+            f"{'blocks' if packed else 'lines'}, {st['tokens']} tokens" + (
+                f" ({st['masked_tokens']} masked for evaluation)" if s != "train" else "")) for s, st in stats.items()},
+            origins, ctx.split, args.seed))
         info = {"source": source_name(a), "mode": "packed" if packed else "line_by_line", "max_length": a.max_length,
                 "mlm_probability": a.mlm_probability, "whole_word_mask": a.whole_word_mask,
                 "eval_mask_seed": a.eval_mask_seed, "splits": stats,
-                "derived_splits": ["validation"] if derived else [],
+                "derived_splits": ["validation"] if "validation" in rows else [],
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out}}
         return PreparedData(train=out.get("train"), eval=out.get("validation"), test=out.get("test"), info=info,
                             identity={"mode": info["mode"], "max_length": a.max_length,

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 
 from common import ner
 from common.config import DataSourceArguments
-from common.data import file_extension, flat_values, read_hub_splits, source_name, tokenize_split, tokenizer_fingerprint
+from common.data import flat_values, source_name, tokenize_split, tokenizer_fingerprint
 from common.errors import UserError, run_cli
 from common.launch import launch
 from common.log import logger
 from common.metrics import NER_METRICS, ner_metrics
 from common.models import byte_level, freeze, load_pretrained, load_tokenizer
 from common.predictions import ConllPredictions
-from common.splits import plan_rows
+from common.splits import data_block, plan_rows, split_origins
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
 
 
@@ -68,37 +68,19 @@ class NerDataArguments(DataSourceArguments):
     freeze_layers: int = field(default=0, metadata={
         "help": "Do not train the embeddings and the first N encoder layers."})
 
+    reused_settings = DataSourceArguments.reused_settings + (
+        (("tokens_column",), "table"), (("tags_column",), "table"), (("sentence_id_column",), "table"),
+        (("tag_column_index",), "lines"), (("label_names",), "any"), (("label_all_tokens",), "any"),
+        (("iob_scheme",), "any"))
+
+    def file_layout(self, path: str, flag: str) -> str:
+        return ner.file_layout(path, flag, self)
+
     def __post_init__(self):
         super().__post_init__()
         if self.freeze_layers < 0:
             raise UserError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
         ner.check_label_names(self.label_names)
-
-
-def read_splits(a: NerDataArguments, model_args) -> dict:
-    """split -> Sentences (raw tags), from local files or a Hub dataset."""
-    if a.dataset:
-        names = {"train": a.train_split_name, "validation": a.validation_split_name, "test": a.test_split_name}
-        hub, where = read_hub_splits(a, model_args.cache_dir, names)
-        return {k: ner.from_dataset(ds, where[k], a.tokens_column, a.tags_column, labelled_required=k != "test")
-                for k, ds in hub.items()}
-    splits = {}
-    for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
-                              "--validation_file"), ("test", a.test_file, "--test_file")):
-        if not path:
-            continue
-        conll = file_extension(path, flag) in ner.CONLL_EXTENSIONS and not (file_extension(path, flag) == ".tsv" and
-                                                                             ner.is_word_per_row_table(path, flag, a))
-        ner.check_format_flags(a, path, flag, conll)
-        if conll:
-            splits[split] = ner.read_conll(path, flag, a.tag_column_index, a.skip_bad_rows, a.encoding)
-        else:
-            splits[split] = ner.read_table_sentences(path, flag, a.tokens_column, a.tags_column, split != "test",
-                                                     a.sentence_id_column, a.encoding, a.column_names, a.delimiter)
-        if split != "test" and splits[split].tags is None:
-            raise UserError(f"{flag} '{path}' has no tags (one column per line / no tag column); "
-                            "training and validation data must be tagged.")
-    return splits
 
 
 @dataclass
@@ -127,7 +109,7 @@ class NerTask(Task):
 
         a, args, tok = ctx.data_args, ctx.args, ctx.tokenizer
         files = {}
-        for split, sents in read_splits(a, ctx.model_args).items():
+        for split, sents in ner.read_splits(a, ctx.model_args.cache_dir).items():
             files[split] = ner.clean(sents, a.label_names, a.iob_scheme, a.skip_bad_rows)
             if len(files[split]) == 0:
                 raise UserError(f"{sents.where} has no usable sentences"
@@ -196,6 +178,11 @@ class NerTask(Task):
         offsets = np.zeros(len(words) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(w) for w in words])
         derived = sorted(s for s in idx if s != "train")
+        origins = split_origins({s: f.where for s, f in files.items()}, idx, ctx.split, seed, a.validation_split,
+                                max_train_samples=args.max_train_samples)
+        logger.info(data_block(f"{source_name(a)}: {'; '.join(dict.fromkeys(f.columns for f in files.values()))}",
+                               {s: f"{st['sentences']} sentences" for s, st in stats.items()}, origins, ctx.split,
+                               args.seed))
         info = {"source": source_name(a), "labels": labels, "label_all_tokens": a.label_all_tokens,
                 "iob_scheme": a.iob_scheme or "conlleval (lenient)", "max_length": a.max_length,
                 "sizes": {s: st["sentences"] for s, st in stats.items()}, "splits": stats, "derived_splits": derived,

@@ -75,6 +75,14 @@ class DataSourceArguments:
 
     # The canonical public task of the script, trained when no data flag at all is given: (Hub id, config).
     default_dataset: ClassVar[Optional[tuple[str, Optional[str]]]] = None
+    # What describes the data files' shape, taken from a trained model's training_args.yaml when a run does not
+    # train (common/run_settings.py): (settings reused together, the files they apply to). Scripts add theirs.
+    reused_settings: ClassVar[tuple] = ((("encoding",), "encoding"), (("max_length",), "any"),
+                                        (("delimiter",), "same extension"), (("column_names",), "headerless"))
+
+    def file_layout(self, path: str, flag: str) -> str:
+        """How a data file is read: 'table' (named columns) or 'lines' (a script's line formats: CoNLL, text)."""
+        return "table"
 
     def __post_init__(self) -> None:
         if self.dataset and (self.train_file or self.validation_file or self.test_file):
@@ -515,8 +523,11 @@ def _read_config(path: str, parser: argparse.ArgumentParser, names: dict[str, st
     return defaults
 
 
-def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, description: str):
-    """Parse `argv` into the given dataclasses: defaults < --config YAML < flags. Unknown keys are errors."""
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, description: str,
+               return_given: bool = False):
+    """Parse `argv` into the given dataclasses: defaults < --config YAML < flags. Unknown keys are errors.
+    With `return_given`: (the dataclasses, the names of the settings given by a flag or the --config file), so
+    that defaults can be replaced (run_settings.reuse_training_settings) but the user's values not."""
     import sys
 
     parser = _Parser(list(dataclass_types), description=description,
@@ -550,6 +561,8 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, desc
                 raise UserError(f"{str(err).rstrip('.')} (set by {named[0]} in --config file "
                                 f"'{pre.config}').") from None
             raise
+    if return_given:
+        return outputs, {name for name in on_command_line | set(from_config) if name}
     return outputs
 
 

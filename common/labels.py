@@ -1,18 +1,162 @@
-"""Classification labels: parsed from every labelled split (a label seen only in validation still
-gets an id), numeric or text, whole numbers -> classes, fractions -> regression (with --task_type
-auto, announced in the log), mapped to ids with clear errors for empty, NaN, single-class or unseen
-labels, numbers mixed with words, spellings of one label ('pos'/'Pos') and id-like label columns.
-The text columns are checked on the way (common/validate.py) and returned as clean datasets."""
+"""Classification columns and labels.
+
+Columns: the text (and pair) and label columns from flags or a known layout, and an unused column that
+looks like a forgotten second text (refused, or a warning). Labels: parsed from every labelled split (a
+label seen only in validation still gets an id), numeric or text, whole numbers -> classes, fractions
+-> regression (with --task_type auto, announced in the log), mapped to ids with clear errors for empty,
+NaN, single-class or unseen labels, numbers mixed with words, spellings of one label ('pos'/'Pos') and
+id-like label columns. The text columns are checked on the way (common/validate.py) and returned as
+clean datasets."""
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from .data import require_columns
-from .errors import UserError
+from .errors import UserError, fmt_columns
 from .log import logger
-from .validate import check_label_count, check_label_kinds, check_variants, is_missing, label_value, text_values
+from .validate import (
+    check_label_count,
+    check_label_kinds,
+    check_variants,
+    is_missing,
+    is_number,
+    label_value,
+    text_values,
+)
+
+# Column layouts recognised without flags: the non-label columns must be exactly one of these.
+KNOWN_LAYOUTS = [("sentence",), ("text",), ("sentence1", "sentence2"), ("question", "sentence"),
+                 ("question1", "question2"), ("premise", "hypothesis"), ("#1 String", "#2 String")]
+KNOWN_LABELS = ("label", "labels", "Quality")
+IGNORED = ("idx", "index")  # GLUE's row index on the Hub and in its test.tsv files
+MRPC_IDS = ("#1 ID", "#2 ID")  # the raw MRPC TSV's id columns
+# The two texts of a pair as public data sets name them (either one may be the first text); numbered or lettered
+# names (s1/s2, text_a/text_b, "#1 String"/"#2 String") are recognised by pattern as well.
+PAIR_NAMES = [("sentence1", "sentence2"), ("sentence", "sentence2"), ("text", "text_pair"), ("question", "context"),
+              ("question", "answer"), ("question", "sentence"), ("question", "passage"), ("premise", "hypothesis"),
+              ("query", "passage"), ("query", "document"), ("claim", "evidence"), ("anchor", "positive"),
+              ("sentence_a", "sentence_b"), ("text_a", "text_b")]
+# Columns never taken for a second text: ids, row indices, labels and scores.
+NOT_TEXT = re.compile(r"(^|[^a-z])(id|ids|idx|index|key|uid|guid|uuid)([^a-z]|$)|^unnamed: |^(label|labels|target|"
+                      r"class|category|score|gold_label|quality)$", re.IGNORECASE)
+SAMPLE = 2000  # rows looked at to tell whether an unused column holds texts
+
+
+def resolve_columns(a, columns: list, where: str, unlabelled_ok: bool = False) -> tuple[list[str], Optional[str], str]:
+    """(text columns, pair column or None, label column); explicit flags or an exact known layout (less the
+    --ignore_columns). A file to predict (unlabelled_ok) may lack the label column."""
+    label = a.label_column
+    if unlabelled_ok and not any(c in columns for c in ([label] if label else KNOWN_LABELS)):
+        label = label or KNOWN_LABELS[0]
+    elif label is not None:
+        require_columns(columns, [label], where, {label: "--label_column"})
+    else:
+        found = [c for c in KNOWN_LABELS if c in columns]
+        if len(found) != 1:
+            raise UserError(f"{where}: cannot tell the label column among {fmt_columns(columns)}; "
+                            "pass --label_column.")
+        label = found[0]
+    given = list(a.text_columns or [a.text_column] + ([a.text_pair_column] if a.text_pair_column else []))
+    ignored = list(getattr(a, "ignore_columns", None) or [])
+    used = [c for c in given + [label] if c in ignored]
+    if used:
+        raise UserError(f"column '{used[0]}' is both used (as a text or the label) and in --ignore_columns; drop it "
+                        "from one of them.")
+    if a.text_columns or a.text_column:
+        twice = next((c for c in given + [label] if (given + [label]).count(c) > 1), None)
+        if twice is not None:
+            raise UserError(f"column '{twice}' is named twice among the text and label columns (--text_column(s), "
+                            "--text_pair_column, --label_column); each needs its own column.")
+        return (given, None, label) if a.text_columns else ([a.text_column], a.text_pair_column, label)
+    rest = tuple(c for c in columns if c != label and c not in IGNORED + MRPC_IDS and c not in ignored)
+    for layout in KNOWN_LAYOUTS:
+        if rest == layout or (set(rest) == set(layout) and len(rest) == len(layout)):
+            return [layout[0]], (layout[1] if len(layout) > 1 else None), label
+    unnamed = [c for c in columns if str(c).startswith("Unnamed: ")]
+    note = f" (the column pandas calls '{unnamed[0]}' has no name in the header: a saved row index?)" if unnamed else ""
+    raise UserError(f"{where}: the text columns are ambiguous among {fmt_columns(columns)}{note}; pass "
+                    "--text_column (and --text_pair_column for pairs) or --text_columns to join several, or "
+                    "--ignore_columns for columns that are neither text nor label.")
+
+
+def describe_columns(texts: list, pair: Optional[str], label: str, columns: Sequence[str], how: str) -> str:
+    """The columns a run uses, for the log: 'text '#1 String', pair '#2 String', label 'Quality' (from the flags);
+    unused: '#1 ID', '#2 ID''."""
+    shown = (f"texts {fmt_columns(texts)} joined" if len(texts) > 1 else f"text '{texts[0]}'") + (
+        f", pair '{pair}'" if pair else "") + (f", label '{label}'" if label in columns else ", no labels")
+    unused = [c for c in columns if c not in texts + [pair, label]]
+    return f"{shown} ({how})" + (f"; unused: {fmt_columns(unused)}" if unused else "")
+
+
+def _sample(table, column: str) -> list:
+    """The first rows of a column of a pandas DataFrame or a datasets.Dataset."""
+    if hasattr(table, "iloc"):
+        return table[column].iloc[:SAMPLE].tolist()
+    return list(table.select(range(min(SAMPLE, len(table))))[column])
+
+
+def _text_lengths(values: list) -> Optional[list]:
+    """Lengths of a column's texts, or None when it is not a text column (mostly numbers, lists, or missing)."""
+    texts = [v for v in values if isinstance(v, str) and v.strip()]
+    if len(texts) < 0.8 * len(values) or not texts or sum(is_number(t) for t in texts) > len(texts) / 2:
+        return None
+    return [len(t) for t in texts]
+
+
+def _pair_name(first: str, other: str) -> bool:
+    """Whether two column names read as the two texts of a pair (sentence1/sentence2, '#1 String'/'#2 String',
+    text_a/text_b, question/context, ...)."""
+    a, b = first.lower(), other.lower()
+    if any({a, b} == {x, y} for x, y in PAIR_NAMES):
+        return True
+    numbered = [m.start() for m in re.finditer(r"[12]", a)]
+    if len(numbered) == 1:
+        i = numbered[0]
+        if a[:i] + ("2" if a[i] == "1" else "1") + a[i + 1:] == b:
+            return True
+    return bool(re.fullmatch(r"(.+[_\- ])[ab]", a)) and a[:-1] == b[:-1] and {a[-1], b[-1]} == {"a", "b"}
+
+
+def forgotten_pair(table, columns: Sequence[str], text: str, label: str, ignored: Sequence[str], where: str
+                   ) -> Optional[str]:
+    """A single-text run with an unused column that looks like the second text of a pair: named as its partner
+    (sentence2 beside sentence1, '#2 String' beside '#1 String', ...) and holding texts -> a UserError with the
+    flag to pass; a text column of similar length (median 0.5x-2x) without such a name -> the warning to log.
+    Ids, indices, labels and --ignore_columns are never suspects."""
+    candidates = [c for c in columns if c not in (text, label) and c not in ignored and not NOT_TEXT.search(str(c))
+                  and c not in IGNORED + MRPC_IDS]
+    base = _text_lengths(_sample(table, text)) if candidates and text in columns else None  # missing: said later
+    if not base:
+        return None
+    named, similar = [], []
+    for col in candidates:
+        values = _sample(table, col)
+        lengths = _text_lengths(values)
+        if lengths is None:
+            continue
+        if _pair_name(text, str(col)):
+            named.append(col)
+            continue
+        ratio = statistics.median(lengths) / max(1, statistics.median(base))
+        distinct = len({v for v in values if isinstance(v, str)}) / len(lengths)
+        if 0.5 <= ratio <= 2 and (len(lengths) < 20 or distinct >= 0.5):
+            similar.append((col, statistics.median(lengths)))
+    if len(named) == 1:
+        col = named[0]
+        raise UserError(f"{where}: column '{col}' looks like the second text of a pair with the text column '{text}', "
+                        f"but it is not used, so the model would see '{text}' alone; pass --text_pair_column '{col}' "
+                        f"to train on the pairs, or --ignore_columns '{col}' to train on '{text}' alone.")
+    suspects = [(c, None) for c in named] + similar
+    if not suspects:
+        return None
+    shown = ", ".join(f"'{c}'" + (f" (median {m:.0f} characters)" if m is not None else "") for c, m in suspects)
+    return (f"{where}: unused column(s) {shown} hold texts like the text column '{text}' (median "
+            f"{statistics.median(base):.0f} characters), but the model sees '{text}' alone; if one is the second "
+            f"text of a pair, pass --text_pair_column NAME (--ignore_columns NAME ... silences this warning)")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     launch(task, argv)
       parse_args              defaults < --config YAML < flags          (config.py)
+      reuse_training_settings --no_do_train: the model's data settings  (run_settings.py)
       plan_runs / check_plan  one run, or seeds x folds                 (plan.py)
       make_runtime            processes, device, precision              (runtime.py)
       run_single              one run                                   (single_run.py)
@@ -17,6 +18,7 @@ from .errors import UserError
 from .log import logger, setup_logging
 from .plan import check_plan, plan_runs
 from .repeats import run_all
+from .run_settings import reuse_training_settings
 from .runtime import make_runtime, reset_accelerate_state, shutdown
 from .single_run import run_single
 from .task import Context, Task
@@ -41,8 +43,11 @@ def push_preflight(accelerator, args) -> str:
 
 def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the task with these command-line arguments; returns results.json (or summary.json) as a dict."""
-    model_args, data_args, args = parse_args([ModelArguments, task.data_arguments, TrainArguments], argv,
-                                             task.description)
+    (model_args, data_args, args), given = parse_args([ModelArguments, task.data_arguments, TrainArguments], argv,
+                                                      task.description, return_given=True)
+    reused = None
+    if not args.do_train:  # read new files as the model's training run read its own (flags win)
+        data_args, reused = reuse_training_settings(data_args, model_args.model, given)
     reset_accelerate_state()  # a notebook may call main() again in the same kernel
     announce = data_args.resolve_source(args.do_train)
     runs = plan_runs(args)
@@ -58,6 +63,8 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
         setup_logging(runtime.accelerator.is_local_main_process)
         if announce:
             logger.info(announce)
+        if reused and (reused.values or reused.skipped):
+            logger.info(reused.describe())
         for warning in validate.reused_files(data_args):
             logger.warning(warning)
         if runs[0].split is None:

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .data import TABLE_EXTENSIONS, read_table, require_columns
+from .data import TABLE_EXTENSIONS, read_hub_splits, read_table, require_columns
 from .errors import UserError, fmt_columns
-from .files import check_file, honour_umask, read_text
+from .files import check_file, file_extension, honour_umask, read_text
 from .validate import text_values
 
 TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")
@@ -39,9 +39,34 @@ def read_text_lines(path: str, flag: str, encoding: str = "utf-8") -> list[str]:
     return lines
 
 
-def read_texts(path: str, flag: str, a, candidates: Sequence[str]) -> tuple[list[str], int]:
-    """(non-blank texts, number of blank/missing rows skipped) from a text file or a table; `a`: the data
-    arguments (text_column, encoding, column_names, delimiter)."""
+def read_splits(a, cache_dir: Optional[str], candidates: Sequence[str]) -> tuple[dict, dict, dict, str]:
+    """split -> texts, split -> where from, split -> blank rows skipped, and where the text is (for the log);
+    `a`: the data arguments, `candidates`: text column names recognised without --text_column."""
+    texts, where, skipped, columns = {}, {}, {}, []
+    if a.dataset:
+        names = {"train": a.train_split_name, "validation": a.validation_split_name, "test": "test"}
+        tables, where = read_hub_splits(a, cache_dir, names)
+        for split, ds in tables.items():
+            col = text_column_of(ds.column_names, a.text_column, candidates, where[split])
+            texts[split], skipped[split] = texts_from_column(ds[col], where[split], col)
+            columns.append(f"text column '{col}'")
+    for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
+                              "--validation_file"), ("test", a.test_file, "--test_file")):
+        if path and not a.dataset:
+            texts[split], skipped[split], col = read_texts(path, flag, a, candidates)
+            where[split] = f"{flag} '{path}'"
+            columns.append(f"text column '{col}'" if col else "one text per line")
+    return texts, where, skipped, "; ".join(dict.fromkeys(columns))
+
+
+def file_layout(path: str, flag: str) -> str:
+    """'lines' for a plain text file (one text per line), 'table' for a table."""
+    return "lines" if file_extension(path, flag) in TEXT_EXTENSIONS else "table"
+
+
+def read_texts(path: str, flag: str, a, candidates: Sequence[str]) -> tuple[list[str], int, Optional[str]]:
+    """(non-blank texts, number of blank/missing rows skipped, the table's text column or None for a text file)
+    from a text file or a table; `a`: the data arguments (text_column, encoding, column_names, delimiter)."""
     ext = check_file(path, flag, TEXT_EXTENSIONS + TABLE_EXTENSIONS)
     if ext in TEXT_EXTENSIONS:
         flags = ("text_column", "column_names", "delimiter")
@@ -49,10 +74,10 @@ def read_texts(path: str, flag: str, a, candidates: Sequence[str]) -> tuple[list
         if given:
             raise UserError(f"{given} was given but {flag} '{path}' is a plain text file (one text per line); drop "
                             f"{given} or pass a table.")
-        return read_text_lines(path, flag, a.encoding), 0
+        return read_text_lines(path, flag, a.encoding), 0, None
     df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
     col = text_column_of(list(df.columns), a.text_column, candidates, f"{flag} '{path}'")
-    return texts_from_column(df[col].tolist(), f"{flag} '{path}'", col)
+    return *texts_from_column(df[col].tolist(), f"{flag} '{path}'", col), col
 
 
 def text_column_of(columns: list, given: Optional[str], candidates: Sequence[str], where: str) -> str:

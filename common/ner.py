@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .data import is_missing, read_table
+from .data import is_missing, read_hub_splits, read_table
 from .errors import UserError, closest, fmt_columns
-from .files import c1_only, check_file, first_line, read_text
+from .files import c1_only, check_file, file_extension, first_line, read_text
 from .log import logger
 from .validate import check_variants, is_number, kind_of
 
@@ -52,6 +52,7 @@ class Sentences:
     class_names: Optional[list] = None  # int tag -> name (a Hub ClassLabel), if any
     skipped: int = 0
     skip_reasons: list = field(default_factory=list)
+    columns: str = ""                 # which columns hold the words and tags, for the log
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -97,7 +98,8 @@ def read_conll(path: str, flag: str, tag_column_index: int = -1, skip_bad_rows: 
     unlabelled = usual == 1
     if not unlabelled:
         _check_conll_layout(blocks, where, tag_column_index)
-    out = Sentences([], None if unlabelled else [], [], where)
+    out = Sentences([], None if unlabelled else [], [], where, columns="CoNLL columns: the word first, " + (
+        "no tags" if unlabelled else f"the tag in column {tag_column_index} (--tag_column_index)"))
     for index, (first, block) in enumerate(blocks, start=1):
         bad = _bad_conll_line(block, where, usual, tag_column_index)
         if bad is not None:
@@ -175,6 +177,40 @@ def is_word_per_row_table(path: str, flag: str, a) -> bool:
     return any(c in SENTENCE_ID_COLUMNS for c in cells)
 
 
+def file_layout(path: str, flag: str, a) -> str:
+    """'lines' for a CoNLL column file, 'table' for a table (a .tsv with a sentence-id column in its header is a
+    one-word-per-row table); `a`: the data arguments."""
+    ext = file_extension(path, flag)
+    if ext not in CONLL_EXTENSIONS or (ext == ".tsv" and is_word_per_row_table(path, flag, a)):
+        return "table"
+    return "lines"
+
+
+def read_splits(a, cache_dir: Optional[str]) -> dict:
+    """split -> Sentences (raw tags), from local files or a Hub dataset; `a`: the data arguments."""
+    if a.dataset:
+        names = {"train": a.train_split_name, "validation": a.validation_split_name, "test": a.test_split_name}
+        tables, where = read_hub_splits(a, cache_dir, names)
+        return {k: from_dataset(ds, where[k], a.tokens_column, a.tags_column, labelled_required=k != "test")
+                for k, ds in tables.items()}
+    splits = {}
+    for split, path, flag in (("train", a.train_file, "--train_file"), ("validation", a.validation_file,
+                              "--validation_file"), ("test", a.test_file, "--test_file")):
+        if not path:
+            continue
+        conll = file_layout(path, flag, a) == "lines"
+        check_format_flags(a, path, flag, conll)
+        if conll:
+            splits[split] = read_conll(path, flag, a.tag_column_index, a.skip_bad_rows, a.encoding)
+        else:
+            splits[split] = read_table_sentences(path, flag, a.tokens_column, a.tags_column, split != "test",
+                                                 a.sentence_id_column, a.encoding, a.column_names, a.delimiter)
+        if split != "test" and splits[split].tags is None:
+            raise UserError(f"{flag} '{path}' has no tags (one column per line / no tag column); "
+                            "training and validation data must be tagged.")
+    return splits
+
+
 def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tags_column: Optional[str],
                          labelled_required: bool, sentence_id_column: Optional[str] = None, encoding: str = "utf-8",
                          column_names: Optional[Sequence[str]] = None, delimiter: Optional[str] = None) -> Sentences:
@@ -205,7 +241,8 @@ def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tag
     tags = None
     if tag_col is not None:
         tags = [parse_tags(v, where, r, tag_col) for v, r in zip(df[tag_col].tolist(), rows)]
-    return Sentences(tokens, tags, rows, where)
+    return Sentences(tokens, tags, rows, where, columns=f"tokens '{tok_col}', " + (
+        f"tags '{tag_col}'" if tag_col else "no tags"))
 
 
 def _single_words(values) -> bool:
@@ -235,7 +272,8 @@ def group_word_rows(df, where: str, id_col: str, tokens_column: Optional[str], t
     if is_missing(ids[0]):
         raise UserError(f"{where}, row 1: the sentence-id column '{id_col}' is empty on the first row; each "
                         "sentence's first row must name its sentence.")
-    out = Sentences([], [] if tags is not None else None, [], where)
+    out = Sentences([], [] if tags is not None else None, [], where, columns=f"one word per row: sentence '{id_col}', "
+                    f"word '{word_col}', " + (f"tag '{tag_col}'" if tag_col else "no tags"))
     seen: dict = {}
     current, start = None, 0
     for i, raw in enumerate(ids + [None]):  # a sentinel closes the last sentence
@@ -278,7 +316,8 @@ def from_dataset(ds, where: str, tokens_column: Optional[str], tags_column: Opti
         tags = [parse_tags(v, where, r, tag_col) for v, r in zip(ds[tag_col], rows)]
         inner = getattr(ds.features[tag_col], "feature", None)
         names = list(inner.names) if hasattr(inner, "names") else None
-    return Sentences(tokens, tags, rows, where, class_names=names)
+    return Sentences(tokens, tags, rows, where, class_names=names, columns=f"tokens '{tok_col}', " + (
+        f"tags '{tag_col}'" if tag_col else "no tags"))
 
 
 def resolve_column(columns: Sequence[str], given: Optional[str], candidates: Sequence[str], flag: str,
@@ -399,7 +438,7 @@ def clean(sents: Sentences, label_names: Optional[list], scheme: Optional[str], 
     allowed = set(label_names) if label_names else None
     pattern = tag_pattern(scheme)
     out = Sentences([], [] if sents.tags is not None else None, [], sents.where, sents.class_names,
-                    sents.skipped, list(sents.skip_reasons))
+                    sents.skipped, list(sents.skip_reasons), sents.columns)
     controls = []  # (row, word number, message) of each word made only of C1 control characters
     for i, (words, row) in enumerate(zip(sents.tokens, sents.rows)):
         reason, tags = None, None

@@ -53,3 +53,48 @@ def plan_rows(n: int, split, seed: int, given: set, validation_split: float, tes
         rows = rows[:max_train_samples]
     out["train"] = rows
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _percent(fraction: float) -> str:
+    return f"{round(fraction * 100, 2):g}%"
+
+
+def split_origins(where: dict, idx: dict, split, seed: int, validation_split: float, test_split: float = 0.0,
+                  max_train_samples: Optional[int] = None, stratified: bool = False) -> dict:
+    """split -> where its rows came from, for the log: a file or Hub split (`where`: split -> "--test_file 'x'"), or
+    held out of the training data (`idx`: plan_rows' selection; `split`: the plan.SplitPlan or None)."""
+    out = {s: w for s, w in where.items() if s not in idx}
+    if not idx:
+        return out
+    pool, how = where["train"], f"{', stratified' if stratified else ''}, seed {seed}"
+    if split is not None and split.kfold:
+        out["test"] = f"held-out fold {split.fold + 1} of {split.kfold} of {pool}{how}"
+        if "validation" in idx:
+            out["validation"] = f"{_percent(validation_split)} of the other folds{how}"
+    else:
+        if "test" in idx:
+            out["test"] = f"{_percent(test_split)} held out of {pool}{how}"
+        if "validation" in idx:
+            out["validation"] = f"{_percent(validation_split)} held out of {pool}{how}"
+    rest = f"the rest of {pool}" if len(idx) > 1 else pool
+    out["train"] = rest + (f", first {max_train_samples} (--max_train_samples)" if max_train_samples else "")
+    return out
+
+
+def says_all(split, run_seed: Optional[int]) -> bool:
+    """Whether a run tells the whole story of its data: a single run, or in a multi-run job (`split`: its
+    plan.SplitPlan) the first run of each split (its first fold, the seed that drew it); the others are briefer."""
+    return split is None or (split.fold == 0 and split.seed == run_seed)
+
+
+def data_block(head: str, sizes: dict, origins: dict, split=None, run_seed: Optional[int] = None) -> str:
+    """The log's account of a run's data: `head` (the source and the columns used), then each split's size
+    (split -> "367 rows") and origin (split_origins); one line of sizes where a multi-run job's run is not the first
+    of its split (says_all)."""
+    order = [s for s in ("train", "validation", "test") if s in sizes]
+    if not says_all(split, run_seed):
+        return "data: " + ", ".join(f"{s} {sizes[s]}" for s in order) + (
+            f" (held-out fold {split.fold + 1} of {split.kfold})" if split.kfold else "")
+    width = max(len(sizes[s]) for s in order) if order else 0
+    lines = [f"data: {head}"] + [f"  {s:<10} {sizes[s]:>{width}}: {origins.get(s, '?')}" for s in order]
+    return "\n".join(lines)

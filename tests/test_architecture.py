@@ -68,6 +68,8 @@ def test_common_has_no_import_cycle():
     assert not graph["log"] and not graph["errors"]
     assert graph["notebook"] <= {"errors"}  # read by a notebook kernel before anything else is imported
     assert "loop" not in graph["task"] and "single_run" not in graph["loop"]
+    # a trained model's data settings, reused by launch and export.py: reading only, no engine
+    assert graph["run_settings"] <= {"data", "errors", "files", "reporting"}
 
 
 def test_the_cycle_finder_finds_a_cycle():
