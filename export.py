@@ -43,7 +43,8 @@ EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 @dataclass
 class ExportArguments:
-    model: str = field(metadata={"help": "A folder saved by train_cls.py, train_ner.py or train_mlm.py."})
+    model: str = field(metadata={"help": "A folder saved by train_cls.py, train_ner.py or train_mlm.py.",
+                                 "metavar": "DIR"})
     output_dir: str = field(metadata={"help": "Where the exported folder goes (written whole at the end)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
     quantize: Literal["none", "int8"] = field(default="none", metadata={
@@ -56,7 +57,7 @@ class ExportArguments:
     data: Optional[str] = field(default=None, metadata={
         "help": "A labelled file in the format the training script reads (classification table, tagged CoNLL "
                 "file or table, text file for fill-mask): parity batches come from it, and --benchmark runs on "
-                "it. Without it, parity uses random word pieces."})
+                "it. Without it, parity uses random word pieces.", "metavar": "FILE"})
     parity_samples: int = field(default=128, metadata={
         "help": "Examples run through PyTorch and ONNX Runtime at export (batches of 1, 2, 4, ... 32)."})
     int8_min_agreement: float = field(default=0.98, metadata={
@@ -64,12 +65,12 @@ class ExportArguments:
                 "as poor and the layers to keep in fp32 are measured."})
     int8_keep_fp32: Optional[list[str]] = field(default=None, metadata={
         "help": "Parts left in fp32 in model_int8.onnx: embeddings, layer.N (encoder layer N), head; or auto "
-                "(the measured choice when agreement is poor)."})
+                "(the measured choice when agreement is poor).", "metavar": "PART"})
     benchmark: bool = field(default=False, metadata={
         "help": "Measure PyTorch fp32, PyTorch bf16 autocast, ONNX Runtime fp32 and int8 on --data: metric, "
                 "latency at batch 1, throughput, file size, peak RSS (one fresh process each)."})
     backends: list[str] = field(default_factory=lambda: list(inf.BACKENDS), metadata={
-        "help": "Backends to benchmark.", "choices": list(inf.BACKENDS)})
+        "help": f"Backends to benchmark (default: all of {', '.join(inf.BACKENDS)}).", "choices": list(inf.BACKENDS)})
     threads: Optional[int] = field(default=None, metadata={
         "help": "Threads of every backend (default: the CPUs this process may use)."})
     batch_size: int = field(default=32, metadata={"help": "Batch size of the throughput measurement."})

@@ -48,15 +48,16 @@ class ClsDataArguments(DataSourceArguments):
     text_columns: Optional[list[str]] = field(default=None, metadata={
         "help": "Several text columns joined into one text (e.g. title text)."})
     text_separator: Optional[str] = field(default=None, metadata={
-        "help": "Joins --text_columns (default: the tokenizer's separator token between spaces)."})
+        "help": "Joins --text_columns (default: the tokenizer's separator token between spaces).", "metavar": "TEXT"})
     label_column: Optional[str] = field(default=None, metadata={"help": "The label column."})
     ignore_columns: Optional[list[str]] = field(default=None, metadata={
         "help": "Columns that are neither text nor label: left out of the known-layout match, and never taken "
                 "for a forgotten second text (confirms single-text training beside a pair-like column)."})
     allow_unseen_labels: bool = field(default=False, metadata={
-        "help": "Accept validation/test labels that never occur in training (the model cannot predict them)."})
+        "help": "Accept validation/test labels unseen in training (never predicted).", "group": "evaluation"})
     task_type: Literal["auto", "classification", "regression"] = field(default="auto", metadata={
-        "help": "auto: float labels with fractions -> regression, anything else -> classification."})
+        "help": "classification, regression, or auto: float labels with fractions -> regression, anything else "
+                "-> classification."})
     validation_split: float = field(default=0.1, metadata={
         "help": "Fraction of the training file held out (stratified, seeded) as validation data when there is "
                 "none; with --kfold, the fraction of the training folds used to pick the best model."})

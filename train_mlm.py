@@ -2,7 +2,8 @@
 """Masked-language-model domain adaptation of a BERT-family encoder on raw text; the output folder
 is a model that train_cls.py and train_ner.py start from (--model OUTPUT_DIR).
 
-    accelerate launch train_mlm.py --train_file corpus.txt --output_dir mlm-out   # no data flag: WikiText-2
+    accelerate launch train_mlm.py --output_dir mlm-out      # no data flag: WikiText-2 from the Hub
+    python train_mlm.py --train_file corpus.txt --output_dir mlm-out
 
 Text: .txt files (one document or paragraph per line, blank lines skipped), csv/json/jsonl/parquet
 with --text_column, or a Hub dataset. Packed blocks of --max_length tokens by default, or one example
@@ -49,14 +50,15 @@ class MlmDataArguments(DataSourceArguments):
     validation_split: float = field(default=0.05, metadata={
         "help": "Fraction of the training lines held out (seeded) when there is no evaluation text."})
     mlm_probability: float = field(default=0.15, metadata={
-        "help": "Fraction of tokens to predict; of those 80%% become [MASK], 10%% a random token, 10%% stay."})
+        "help": "Fraction of tokens to predict; of those 80%% become [MASK], 10%% a random token, 10%% stay.",
+        "group": "training"})
     whole_word_mask: bool = field(default=False, metadata={
-        "help": "Mask all pieces of a word together (words from the fast tokenizer's word_ids)."})
+        "help": "Mask all pieces of a word together (words from the fast tokenizer's word_ids).", "group": "training"})
     full_decoder: bool = field(default=False, metadata={
-        "help": "Run the vocabulary decoder on every position, as the official scripts do (slower; same loss). "
-                "Default: only on masked positions. Always on with XLA or --torch_compile (static shapes)."})
+        "help": "Run the vocabulary decoder on every position, not only the masked ones (slower, same loss; "
+                "always on with XLA or --torch_compile).", "group": "speed"})
     eval_mask_seed: int = field(default=0, metadata={
-        "help": "Seed of the fixed evaluation masks (independent of --seed, so runs compare)."})
+        "help": "Seed of the fixed evaluation masks (independent of --seed, so runs compare).", "group": "evaluation"})
 
     reused_settings = DataSourceArguments.reused_settings + (
         (("text_column",), "table"), (("line_by_line",), "any"), (("mlm_probability",), "any"),

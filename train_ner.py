@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Fine-tune a BERT-family encoder for token classification (NER: IOB2/IOBES tags, seqeval entity metrics).
 
-    accelerate launch train_ner.py --train_file train.txt --validation_file valid.txt --output_dir out
-    python train_ner.py --output_dir out                  # no data flag: CoNLL-2003 from the Hub
+    accelerate launch train_ner.py --output_dir out      # no data flag: CoNLL-2003 from the Hub
+    python train_ner.py --train_file train.txt --validation_file valid.txt --output_dir out
 
 Data: CoNLL column files (.txt/.conll/.tsv), csv/json/jsonl/parquet with a token and a tag column,
 or a Hub dataset. Sentences longer than --max_length are split into overlapping windows, so every
@@ -45,28 +45,28 @@ class NerDataArguments(DataSourceArguments):
         "help": "Table/Hub column with the tags: a list, a list literal, or space-separated "
                 f"(default: the one of {', '.join(ner.TAG_COLUMNS)} present)."})
     sentence_id_column: Optional[str] = field(default=None, metadata={
-        "help": "One-word-per-row tables: the column naming each row's sentence (given on every row, or only on a "
-                f"sentence's first row). Default: the one of {', '.join(ner.SENTENCE_ID_COLUMNS)} present."})
+        "help": "Word-per-row tables: the column naming each row's sentence (on every row or a sentence's first) "
+                f"(default: the one of {', '.join(ner.SENTENCE_ID_COLUMNS)} present)."})
     tag_column_index: int = field(default=-1, metadata={"help": "CoNLL files: the column holding the tag."})
     label_names: Optional[list[str]] = field(default=None, metadata={
         "help": "Tag names in id order, for integer tags (a Hub ClassLabel provides them); also restricts "
                 "string tags to this set."})
     label_all_tokens: bool = field(default=False, metadata={
-        "help": "Train on every sub-token (continuation pieces get the word's I- tag) instead of only the "
-                "first piece of each word. Evaluation always reads the first piece."})
+        "help": "Train on every sub-token (later pieces get the word's I- tag), not only each word's first. "
+                "Evaluation always reads the first.", "group": "training"})
     iob_scheme: Optional[Literal["IOB2", "IOBES"]] = field(default=None, metadata={
-        "help": "Score in seqeval strict mode with this scheme (malformed entities do not count). Unset: "
-                "conlleval's lenient rules, the figures papers report."})
+        "help": "Score in seqeval's strict mode with this scheme (default: conlleval's lenient rules, as papers "
+                "report).", "group": "evaluation"})
     skip_bad_rows: bool = field(default=False, metadata={
-        "help": "Skip (and count in results.json) rows with mismatched token/tag counts, unknown tags or "
-                "empty sentences instead of stopping with an error."})
+        "help": "Skip rows with mismatched token/tag counts, unknown tags or empty sentences (counted in "
+                "results.json) instead of stopping."})
     max_length: int = field(default=128, metadata={
         "help": "Sub-tokens per window; longer sentences are split into overlapping windows."})
     allow_unseen_labels: bool = field(default=False, metadata={
-        "help": "--no_do_train: score tags the model does not know as missed entities instead of stopping."})
-    freeze_embeddings: bool = field(default=False, metadata={"help": "Do not train the embedding layer."})
+        "help": "--no_do_train: score tags unknown to the model as misses instead of stopping.", "group": "evaluation"})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "Freeze the embeddings.", "group": "training"})
     freeze_layers: int = field(default=0, metadata={
-        "help": "Do not train the embeddings and the first N encoder layers."})
+        "help": "Freeze the embeddings and first N layers.", "group": "training"})
 
     reused_settings = DataSourceArguments.reused_settings + (
         (("tokens_column",), "table"), (("tags_column",), "table"), (("sentence_id_column",), "table"),
@@ -213,10 +213,10 @@ class NerTask(Task):
         return ConllPredictions(os.path.join(ctx.args.output_dir, f"predictions_{split}.conll"), st.labels, st.words,
                                 st.gold)
 
-    def model_card(self, ctx, data):
-        return {"labels": data.state.labels,
-                "example": "print(pipe('Alice Smith flew from Paris to Berlin with Acme Corp.', "
-                           "aggregation_strategy='simple'))"}
+    def model_card(self, ctx, data):  # 'first', not 'simple': a word's later pieces may be left 'O'
+        piece = "the piece evaluation scores" if ctx.data_args.label_all_tokens else "the only piece training labels"
+        return {"labels": data.state.labels, "example": f"# 'first': each word takes the tag of its first sub-token, "
+                f"{piece}\nprint(pipe('Alice Smith flew from Paris to Berlin.', aggregation_strategy='first'))"}
 
 
 class NerObjective(Objective):

@@ -6,17 +6,23 @@ data dataclass; the model and training settings below are shared by all three sc
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
+import shutil
+import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from .errors import UserError, closest
 from .files import check_encoding
@@ -28,6 +34,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 
 def _help(text: str, **kw: Any) -> dict:
+    """Field metadata: the --help text, and e.g. group= (a HELP_GROUPS key), metavar=, aliases=, choices=."""
     return {"help": text, **kw}
 
 
@@ -35,17 +42,17 @@ def _help(text: str, **kw: Any) -> dict:
 class ModelArguments:
     _argument_group_name = "model"
     model: str = field(default=DEFAULT_MODEL, metadata=_help(
-        "Hub id or local directory of the pretrained encoder (an MLM output_dir works too).",
-        aliases=["--model_name_or_path"]))
+        "Hub id or local folder of the pretrained encoder (an MLM output_dir works too); alias "
+        "--model_name_or_path.", aliases=["--model_name_or_path"], metavar="ID|DIR"))
     tokenizer_name: Optional[str] = field(default=None, metadata=_help("Tokenizer, if not the model's own."))
     revision: str = field(default="main", metadata=_help("Hub revision (branch, tag or commit)."))
     trust_remote_code: bool = field(default=False, metadata=_help(
-        "Allow custom modelling code from the Hub. Off by default: it runs code from the model repository."))
+        "Run custom modelling code from the model's Hub repository."))
     cache_dir: Optional[str] = field(default=None, metadata=_help("Where Hub downloads are cached."))
     attn_implementation: Optional[str] = field(default=None, metadata=_help(
-        "Attention kernel: sdpa (PyTorch scaled_dot_product_attention, the transformers default for BERT), "
-        "eager, or flash_attention_2 where installed. Unset: the model's default.",
-        choices=["sdpa", "eager", "flash_attention_2", "flex_attention"]))
+        "Attention kernel: sdpa, eager, flash_attention_2 (where installed) or flex_attention (default: the "
+        "model's, sdpa for BERT).", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"],
+        group="speed"))
 
 
 @dataclass
@@ -53,7 +60,7 @@ class DataSourceArguments:
     """Where the text comes from, shared by the three scripts' data settings (each subclass adds its own
     columns and may restate a field to change its default or help)."""
     _argument_group_name = "data"
-    dataset: Optional[str] = field(default=None, metadata=_help("Hub dataset name (e.g. glue, conll2003, wikitext)."))
+    dataset: Optional[str] = field(default=None, metadata=_help("Hub dataset (e.g. glue, conll2003, wikitext)."))
     dataset_config: Optional[str] = field(default=None, metadata=_help("Hub dataset config (e.g. mrpc)."))
     train_split_name: str = field(default="train", metadata=_help("Hub split used for training."))
     validation_split_name: str = field(default="validation", metadata=_help("Hub split used for validation."))
@@ -66,11 +73,12 @@ class DataSourceArguments:
     encoding: str = field(default="utf-8", metadata=_help(
         "Text encoding of the data files (a UTF-8 byte-order mark is accepted); e.g. latin-1 or cp1252."))
     column_names: Optional[list[str]] = field(default=None, metadata=_help(
-        "Names of the columns of csv/tsv files that have no header row (one per column, in order)."))
+        "Column names of csv/tsv files without a header row, one per column."))
     delimiter: Optional[str] = field(default=None, metadata=_help(
-        "Field separator of csv/tsv files: one character, or 'tab' (default: ',' for .csv, tab for .tsv); e.g. ';' "
-        "for files saved by a European-locale Excel."))
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help("Processes for tokenizing."))
+        "Field separator of csv/tsv files: one character or 'tab' (default: ',' for .csv, tab for .tsv).",
+        metavar="CHAR"))
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help(
+        "Processes for tokenizing (default: this one).", group="speed"))
     overwrite_cache: bool = field(default=False, metadata=_help("Tokenize again even if cached."))
 
     # The canonical public task of the script, trained when no data flag at all is given: (Hub id, config).
@@ -131,128 +139,146 @@ class DataSourceArguments:
 
 @dataclass
 class TrainArguments:
-    _argument_group_name = "training"
-    output_dir: str = field(default="output", metadata=_help("Where the model, results and checkpoints go."))
-    overwrite_output_dir: bool = field(default=False, metadata=_help("Allow writing into a non-empty output_dir."))
-    seed: int = field(default=42, metadata=_help("Seed for sampling, dropout, splits and initialisation."))
-    per_device_train_batch_size: int = field(default=32, metadata=_help("Training batch size per process."))
+    # Each field's metadata names its --help group (HELP_GROUPS); a new flag needs one (tests/test_help.py).
+    output_dir: str = field(default="output", metadata=_help(
+        "Where the model, results and checkpoints go.", group="training"))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "Allow writing into a non-empty output_dir.", group="training"))
+    seed: int = field(default=42, metadata=_help(
+        "Seed for sampling, dropout, splits and init.", group="training"))
+    per_device_train_batch_size: int = field(default=32, metadata=_help(
+        "Training batch size per process.", group="training"))
     per_device_eval_batch_size: Optional[int] = field(default=None, metadata=_help(
-        "Evaluation batch size per process. Unset: 4x the training batch on GPUs/TPUs; on CPU the training batch "
-        "(larger ones were no faster there and used more memory)."))
-    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
-    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate of AdamW."))
-    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (not on biases or LayerNorm)."))
-    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
-    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
-    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 disables clipping)."))
-    num_train_epochs: float = field(default=3.0, metadata=_help("Training epochs (ignored when max_steps > 0)."))
-    max_steps: int = field(default=-1, metadata=_help("Total optimizer steps; overrides num_train_epochs."))
+        "Evaluation batch size per process (default: the training batch on CPU, 4x it on GPUs/TPUs).",
+        group="evaluation"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "Micro-batches per optimizer step.", group="training"))
+    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate of AdamW.", group="training"))
+    weight_decay: float = field(default=0.01, metadata=_help(
+        "Weight decay (not on biases or LayerNorm).", group="training"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1.", group="training"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2.", group="training"))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon.", group="training"))
+    max_grad_norm: float = field(default=1.0, metadata=_help(
+        "Gradient clipping norm (0 disables clipping).", group="training"))
+    num_train_epochs: float = field(default=3.0, metadata=_help(
+        "Training epochs (ignored when --max_steps > 0).", group="training"))
+    max_steps: int = field(default=-1, metadata=_help(
+        "Total optimizer steps if > 0 (wins over epochs).", group="training"))
     lr_scheduler_type: str = field(default="linear", metadata=_help(
-        "Learning-rate schedule (transformers.get_scheduler).", choices=SCHEDULERS))
+        "Learning-rate schedule (transformers.get_scheduler)", choices=SCHEDULERS, group="training"))
     warmup_ratio: float = field(default=0.1, metadata=_help(
-        "Warm-up as a fraction of all optimizer steps (0.1: +1 point MRPC accuracy over 0 across 3 seeds)."))
-    warmup_steps: int = field(default=0, metadata=_help("Warm-up optimizer steps (wins over warmup_ratio)."))
+        "Warm-up as a fraction of all optimizer steps.", group="training"))
+    warmup_steps: int = field(default=0, metadata=_help(
+        "Warm-up steps (wins over --warmup_ratio).", group="training"))
     eval_strategy: Literal["epoch", "steps", "no"] = field(default="epoch", metadata=_help(
-        "When to evaluate: after every epoch, every eval_steps optimizer steps, or never."))
+        "Evaluate after every epoch, every --eval_steps, or never.", group="evaluation"))
     eval_steps: Optional[int] = field(default=None, metadata=_help(
-        "Evaluate every N optimizer steps (implies eval_strategy=steps)."))
+        "Evaluate every N steps (sets --eval_strategy steps).", group="evaluation"))
     logging_steps: Optional[int] = field(default=None, metadata=_help(
         "Log loss, lr, grad norm and speed every N steps (default: about 40 points per run, at most every 50 "
-        "steps, so short runs still draw a learning curve)."))
+        "steps).", group="sharing"))
     metric_for_best_model: Optional[str] = field(default=None, metadata=_help(
-        "Validation metric that picks the best model and drives early stopping (task default if unset)."))
+        "Validation metric that picks the best model and drives early stopping (default: the task's).",
+        group="evaluation"))
     greater_is_better: Optional[bool] = field(default=None, metadata=_help(
-        "Whether a larger metric_for_best_model is better (inferred from its name if unset)."))
+        "Whether a larger metric is better (default: from its name).", group="evaluation"))
     load_best_model_at_end: bool = field(default=True, metadata=_help(
-        "Save (and test) the best evaluated weights rather than the last."))
+        "Save and test the best evaluated weights, not the last.", group="evaluation"))
     early_stopping_patience: Optional[int] = field(default=None, metadata=_help(
-        "Stop after this many evaluations without improvement."))
+        "Stop after this many evaluations without improvement.", group="evaluation"))
     early_stopping_threshold: float = field(default=0.0, metadata=_help(
-        "Minimum improvement of the metric that counts as better."))
+        "Smallest metric gain that counts as better.", group="evaluation"))
     checkpointing_steps: Optional[str] = field(default=None, metadata=_help(
-        "Save a resumable checkpoint every N optimizer steps, or 'epoch'."))
-    save_total_limit: Optional[int] = field(default=None, metadata=_help("Keep only the newest N checkpoints."))
+        "Save a resumable checkpoint every N steps or every epoch.", group="checkpoints",
+        metavar="N|epoch"))
+    save_total_limit: Optional[int] = field(default=None, metadata=_help(
+        "Keep only the newest N checkpoints.", group="checkpoints"))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
-        "A checkpoint folder, or 'latest' (the newest complete one in output_dir; starts fresh if none)."))
+        "A checkpoint folder, or 'latest' (the newest complete one in output_dir; starts fresh if none).",
+        group="checkpoints", metavar="DIR|latest"))
     do_train: bool = field(default=True, metadata=_help(
-        "Train. --no_do_train evaluates/predicts with --model as it is (a trained output folder of this script, or any "
-        "model with this task's head): its label maps come from its config."))
+        "Train (--no_do_train: evaluate/predict with --model as it is, e.g. a trained output folder).",
+        group="training"))
     do_eval: bool = field(default=True, metadata=_help(
-        "Evaluate on the validation data, if any (during training as --eval_strategy says, and at the end)."))
+        "Evaluate on the validation data, if any (during training and at the end).", group="evaluation"))
     do_predict: bool = field(default=True, metadata=_help(
-        "Evaluate (when labelled) and write predictions for the test data, if any."))
+        "Evaluate (when labelled) and write predictions for the test data, if any.", group="evaluation"))
     push_to_hub: bool = field(default=False, metadata=_help(
-        "Upload the output folder to the Hub when training ends (checked before training starts)."))
-    hub_model_id: Optional[str] = field(default=None, metadata=_help("Hub repository for --push_to_hub: org/name."))
+        "Upload output_dir to the Hub at the end (checked at start).", group="sharing"))
+    hub_model_id: Optional[str] = field(default=None, metadata=_help(
+        "Hub repository (default: <you>/<output folder name>).", group="sharing", metavar="ORG/NAME"))
     hub_token: Optional[str] = field(default=None, metadata=_help(
-        "Hub token for --push_to_hub (default: the one stored by `hf auth login` or HF_TOKEN)."))
-    hub_private_repo: bool = field(default=False, metadata=_help("Create the --hub_model_id repository as private."))
+        "Hub token (default: the one of `hf auth login`, or HF_TOKEN).", group="sharing", metavar="TOKEN"))
+    hub_private_repo: bool = field(default=False, metadata=_help(
+        "Create the --hub_model_id repository as private.", group="sharing"))
     report_to: str = field(default="none", metadata=_help(
-        "Trackers through accelerate: none, all, or a comma list (tensorboard, wandb, mlflow, ...)."))
+        "Trackers through accelerate: none, all, or a comma list (tensorboard, wandb, mlflow, ...).",
+        group="sharing", metavar="LIST"))
     mixed_precision: Optional[str] = field(default=None, metadata=_help(
-        "no, fp16, bf16 or auto. Unset: the accelerate launch setting if any, else auto (bf16 where the "
-        "hardware runs it fast, else fp32).", choices=["no", "fp16", "bf16", "auto"]))
+        "Precision (default: the accelerate launch setting, else auto: bf16 where the hardware runs it fast, "
+        "else fp32).", choices=["no", "fp16", "bf16", "auto"], group="speed"))
     group_by_length: bool = field(default=True, metadata=_help(
-        "Batch training examples of similar length (shuffled buckets) to cut padding."))
+        "Batch examples of similar length: less padding.", group="speed"))
     pad_to_multiple_of: Optional[int] = field(default=None, metadata=_help(
-        "Round each batch's padded length up to a multiple of N. Unset: 32 with --torch_compile (few shapes to "
-        "compile), 8 under mixed precision (tensor-core friendly), else none."))
+        "Round each batch's padded length up to a multiple of N (default: 32 with --torch_compile, 8 under mixed "
+        "precision, else none).", group="speed"))
     pad_to_max_length: bool = field(default=False, metadata=_help(
-        "Pad every batch to --max_length (static shapes; always on for TPU). Slower: for comparisons."))
+        "Pad every batch to --max_length (slower; always on TPU).", group="speed"))
     optim: Literal["auto", "adamw_torch_fused", "adamw_torch_foreach", "adamw_torch"] = field(
         default="auto", metadata=_help(
-        "AdamW implementation: fused (one kernel for all parameters), foreach (batched per parameter group) or "
-        "adamw_torch (PyTorch's default). auto: fused where PyTorch has it for the device, else foreach."))
+        "AdamW kernel: adamw_torch_fused, adamw_torch_foreach or adamw_torch; auto: fused where the device has "
+        "it, else foreach.", group="speed"))
     fast_dropout: bool = field(default=True, metadata=_help(
-        "On CPU, draw dropout masks from 16-bit random integers instead of torch's bernoulli (same dropout "
-        "statistically; MiniLM training steps 1.3-1.5x faster here). Ignored on GPU/TPU and with --torch_compile."))
-    dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
-    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile."))
+        "On CPU, dropout masks from 16-bit random integers (training steps 1.3-1.5x faster; ignored on GPU/TPU "
+        "and with --torch_compile).", group="speed"))
+    dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes.", group="speed"))
+    torch_compile: bool = field(default=False, metadata=_help(
+        "Compile the model with torch.compile.", group="speed"))
     ddp_timeout: int = field(default=1800, metadata=_help(
-        "Seconds before a collective gives up (a dead rank then ends the job instead of hanging)."))
+        "Seconds before a collective gives up (a dead rank then ends the job instead of hanging).",
+        group="checkpoints"))
     skip_nonfinite: bool = field(default=False, metadata=_help(
-        "Skip optimizer steps whose loss is NaN/inf (counted) instead of stopping."))
-    max_train_samples: Optional[int] = field(default=None, metadata=_help("Truncate the training set (debugging)."))
-    max_eval_samples: Optional[int] = field(default=None, metadata=_help("Truncate eval/test sets (debugging)."))
+        "Skip steps with a NaN/inf loss (counted) instead of stopping.", group="checkpoints"))
+    max_train_samples: Optional[int] = field(default=None, metadata=_help(
+        "Truncate the training set (debugging).", group="training"))
+    max_eval_samples: Optional[int] = field(default=None, metadata=_help(
+        "Truncate evaluation/test sets (debugging).", group="evaluation"))
     seeds: Optional[list[int]] = field(default=None, metadata=_help(
-        "One run per seed (e.g. --seeds 42 142 242), each in output_dir/seed_<s>; summary.json has mean, std "
-        "and 95%% t-intervals of every metric."))
-    num_runs: int = field(default=1, metadata=_help("Runs with seeds --seed, --seed+100, ... (like --seeds)."))
+        "One run per seed, each in output_dir/seed_<s>; summary.json has mean, std and 95%% t-intervals.",
+        group="repeats"))
+    num_runs: int = field(default=1, metadata=_help(
+        "Runs with seeds --seed, --seed+100, ...", group="repeats"))
     resplit_per_seed: bool = field(default=False, metadata=_help(
-        "Each seed also draws its own derived validation/test split (default: the split of --seed for all)."))
+        "Each seed draws its own derived validation/test split.", group="repeats"))
     kfold: int = field(default=0, metadata=_help(
-        "K-fold cross-validation on the training file (stratified for classification): each fold is held out "
-        "once as the test set; --validation_split of the other folds picks the best model."))
+        "Cross-validation folds on the training file (default: 0, none).", group="repeats", metavar="K"))
     # Distillation (common/distill.py, docs/distillation.md)
     teacher_model: Optional[str] = field(default=None, metadata=_help(
-        "Distillation: a fine-tuned teacher (an output folder of this script, or a Hub id) with the student's labels "
-        "and vocabulary; the model learns from its predictions (and, with --distill_hidden/--distill_attention/"
-        "--distill_embeddings, from its intermediate layers)."))
+        "A fine-tuned teacher (output folder or Hub id) with the student's labels and vocabulary.",
+        group="distillation", metavar="ID|DIR"))
     distill_alpha: float = field(default=0.5, metadata=_help(
-        "Weight of the hard-label loss; 1 - alpha weighs T^2 * KL(teacher || student) at temperature T."))
-    distill_temperature: float = field(default=2.0, metadata=_help("Softmax temperature T of the distillation loss."))
+        "Weight of the hard-label loss; 1 - alpha weighs T^2 * KL(teacher || student).", group="distillation"))
+    distill_temperature: float = field(default=2.0, metadata=_help(
+        "Softmax temperature T of the distillation loss.", group="distillation"))
     distill_prediction: bool = field(default=True, metadata=_help(
-        "Train on the prediction layer (hard labels and the teacher's logits). --no_distill_prediction: the "
-        "intermediate-layer losses alone (TinyBERT's first stage)."))
+        "Learn from the teacher's logits (--no_distill_prediction: the intermediate losses alone).",
+        group="distillation"))
     distill_hidden: bool = field(default=False, metadata=_help(
-        "MSE between each student layer's output and its teacher layer's (--layer_map); projected when widths differ."))
+        "MSE between paired student and teacher layer outputs.", group="distillation"))
     distill_attention: bool = field(default=False, metadata=_help(
-        "MSE between the attention scores (before softmax) of each student layer and its teacher layer's; needs "
-        "equal head counts."))
+        "MSE between paired layers' attention scores (same heads).", group="distillation"))
     distill_embeddings: bool = field(default=False, metadata=_help(
-        "MSE between the embedding-layer outputs of student and teacher (projected when widths differ)."))
+        "MSE between student and teacher embedding outputs.", group="distillation"))
     distill_intermediate_weight: float = field(default=1.0, metadata=_help(
-        "Weight of the intermediate-layer losses against the prediction-layer loss."))
+        "Weight of the intermediate-layer losses.", group="distillation"))
     layer_map: Optional[str] = field(default=None, metadata=_help(
-        "Student:teacher pairs of 0-based encoder layers for the intermediate losses, e.g. 0:1,1:3,2:5. Unset: "
-        "uniform (student layer m of M -> teacher layer round((m+1)*N/M)-1 of N)."))
+        "Student:teacher layer pairs, 0-based (default: uniform).", group="distillation", metavar="S:T,..."))
     distill_cache_logits: bool = field(default=True, metadata=_help(
-        "With prediction-layer distillation only: compute the teacher's logits once over the training set (cached "
-        "on disk, keyed by teacher and data) instead of running the teacher at every step."))
+        "Prediction layer only: compute the teacher's logits once, cached on disk, not at every step.",
+        group="distillation"))
     init_student_layers: Optional[str] = field(default=None, metadata=_help(
-        "Build the model from these 0-based encoder layers of --model (e.g. 0,2,4): embeddings, these layers and "
-        "the rest copied, num_hidden_layers updated; saved as an ordinary model of the same family."))
+        "Build the model from these 0-based layers of --model.", group="distillation", metavar="L,L,..."))
 
     def run_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed + 100 * i for i in range(self.num_runs)]
@@ -395,10 +421,180 @@ def parse_layer_map(text: str) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
+# The groups of --help, in the order shown: key -> heading. Every setting names its group in its field metadata
+# ("group"); a data dataclass's fields default to "data" and ModelArguments' to "model" (_argument_group_name).
+# tests/test_help.py fails for a setting without one. docs/training-options.md has the details of each.
+HELP_GROUPS = {
+    "data": "data (files or a Hub dataset, columns, splits)",
+    "model": "model",
+    "training": "training (steps, batches, optimizer, schedule)",
+    "evaluation": "evaluation, the best model and prediction",
+    "checkpoints": "checkpoints, resume and faults",
+    "speed": "precision and speed",
+    "distillation": "distillation (docs/distillation.md)",
+    "repeats": "repeated runs: seeds and k-fold (docs/repeated-runs.md)",
+    "sharing": "logging, trackers and the Hub",
+}
+HELP_COLUMNS = (100, 120)  # --help width when not on a terminal, and the widest it gets on one
+_CHOICES_INLINE = 24  # choices longer than this, as {a,b,c}, are listed in the help text instead
+_SWITCHES = "--[no_]x: --x turns a setting on, --no_x off. "
+_EPILOG = "Every flag can also be a key of a --config YAML file; README.md and docs/ explain them in depth."
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help a person can scan: one spelling per flag (the --x-y aliases and --model_name_or_path still parse),
+    switches as --x or --[no_]x, short metavars, '(default: X)' once and only where it tells something, every line
+    within the terminal width (fallback 100 columns, at most 120), and the description's example commands kept as
+    lines."""
+
+    def __init__(self, prog: str, negatable: frozenset = frozenset()):
+        columns = min(shutil.get_terminal_size((HELP_COLUMNS[0], 24)).columns, HELP_COLUMNS[1])
+        width = max(columns, 40) - 2
+        super().__init__(prog, max_help_position=min(36, max(24, width * 2 // 5)), width=width)
+        self._negatable = negatable  # dests whose --no_x HfArgumentParser added (hidden; shown as --[no_]x)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        shown = [s for s in action.option_strings if not s.startswith("--")] + longs[:1]
+        if _is_switch(action):
+            if action.dest in self._negatable:
+                shown[-1] = "--[no_]" + shown[-1][2:]
+            return ", ".join(shown)
+        if action.nargs == 0:
+            return ", ".join(shown)
+        return f"{', '.join(shown)} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        if action.type is int:
+            return "N"
+        if action.type is float:
+            return "X"
+        if action.type is string_to_bool:  # Optional[bool]: a value is required
+            return "true|false"
+        if action.dest == "config" or action.dest.endswith("_file"):
+            return "FILE"
+        if action.dest.endswith("_dir"):
+            return "DIR"
+        return "NAME"
+
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
+        """argparse's, but long choices give way to the default metavar (they are listed in the help text)."""
+        if action.metavar is None and action.choices is not None and len(_braced(action.choices)) > _CHOICES_INLINE:
+            action = copy.copy(action)
+            action.choices = None
+        return super()._metavar_formatter(action, default_metavar)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        choices = [str(c) for c in action.choices or ()]
+        if (choices and action.metavar is None and len(_braced(choices)) > _CHOICES_INLINE
+                and not all(c in text for c in choices)):
+            text = f"{text.rstrip('.')}: {', '.join(choices)}."
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == [] or
+                default is argparse.SUPPRESS or "default" in text.lower()):
+            return text
+        shown = "on" if default is True else " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)  # keeps ids and flags whole
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """The description and epilog: prose is re-wrapped to the width; indented lines (example commands) are
+        kept as lines."""
+        out: list[str] = []
+        for paragraph in re.split(r"\n\s*\n", text.strip("\n")):
+            prose: list[str] = []
+            for line in paragraph.splitlines() + [""]:
+                if line.startswith(" ") or not line:
+                    if prose:
+                        out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent,
+                                                 subsequent_indent=indent, break_on_hyphens=False))
+                        prose = []
+                    if line:
+                        out.extend(indent + part for part in _command_lines(line.rstrip(), width - len(indent)))
+                else:
+                    prose.append(line.strip())
+            out.append("")
+        return "\n".join(out[:-1])
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    """A boolean setting that --x alone turns on (HfArgumentParser: nargs '?', const True)."""
+    return action.nargs == "?" and action.const is True
+
+
+def _braced(choices) -> str:
+    return "{" + ",".join(map(str, choices)) + "}"
+
+
+def _command_lines(line: str, width: int) -> list[str]:
+    """An example command within `width`: a trailing '# comment' goes on its own line above it, and a command
+    still too wide is continued with ' \\' (as a shell reads it)."""
+    if len(line) <= width:
+        return [line]
+    lead = line[:len(line) - len(line.lstrip())]
+    command, _, comment = line.strip().partition("  # ")
+    lines = [lead + textwrap.shorten(f"# {comment}", width - len(lead), placeholder=" ...")] if comment else []
+    current = lead
+    for word in command.split():
+        if current.strip() and len(current) + 1 + len(word) + 2 > width:
+            lines.append(current + " \\")
+            current = lead + "    "
+        current += ("" if not current.strip() else " ") + word
+    return lines + [current]
+
+
 class _Parser(HfArgumentParser):
-    """argparse reports bad flag values by printing usage and exiting; we raise one clear UserError."""
+    """HfArgumentParser with every setting in its help group (HELP_GROUPS) and a readable --help
+    (_HelpFormatter). argparse reports bad flag values by printing usage and exiting; we raise one clear
+    UserError."""
+
+    def __init__(self, dataclass_types: Sequence[type], **kwargs: Any):
+        self._help_groups: dict[str, Any] = {}
+        self._negatable: set[str] = set()
+        super().__init__(dataclass_types, **kwargs)
+        self.formatter_class = functools.partial(_HelpFormatter, negatable=frozenset(self._negatable))
+        self.epilog = (_SWITCHES if self._negatable else "") + _EPILOG
+        required = [self.formatter_class(self.prog)._format_action_invocation(a) for a in self._actions if a.required]
+        self.usage = " ".join(["%(prog)s", *required, "[--flag VALUE ...]"])
+
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        """HfArgumentParser's, but each field goes into the group its metadata names (else the dataclass's
+        _argument_group_name), and the --no_x it adds beside a switch that defaults to on is hidden from --help
+        (the switch is shown as --[no_]x)."""
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if not f.init:
+                continue
+            target = self._help_group(f.metadata.get("group", getattr(dtype, "_argument_group_name", None)))
+            spec = copy.copy(f)  # HfArgumentParser sets .type and passes the metadata to add_argument
+            spec.type = hints[f.name]
+            spec.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k != "group"})
+            before = len(self._actions)
+            self._parse_dataclass_field(target, spec)
+            for action in self._actions[before:]:
+                if f"--no_{f.name}" in action.option_strings:
+                    action.help = argparse.SUPPRESS
+                    self._negatable.add(f.name)
+
+    def _help_group(self, key: Optional[str]):
+        if key is None:
+            return self
+        if not self._help_groups:  # all at once, so that --help shows them in HELP_GROUPS order
+            self._help_groups = {k: self.add_argument_group(title) for k, title in HELP_GROUPS.items()}
+        if key not in self._help_groups:
+            raise ValueError(f"help group '{key}' is not one of HELP_GROUPS ({', '.join(HELP_GROUPS)})")
+        return self._help_groups[key]
 
     def error(self, message: str):
+        for action in self._actions:  # argparse names a flag by all its spellings: keep the one --help shows
+            if len(action.option_strings) > 1:
+                first = next(s for s in action.option_strings if s.startswith("--"))
+                message = message.replace("/".join(action.option_strings), first)
         raise UserError(f"{message}; see --help.")
 
 
@@ -530,8 +726,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None, desc
     that defaults can be replaced (run_settings.reuse_training_settings) but the user's values not."""
     import sys
 
-    parser = _Parser(list(dataclass_types), description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser = _Parser(list(dataclass_types), description=description, allow_abbrev=False)
     parser.add_argument("--config", default=None,
                         help="YAML file of settings (flag names as keys); flags given on the command line win.")
     argv = [str(a) for a in (argv if argv is not None else sys.argv[1:])]  # Paths and numbers from notebooks

@@ -131,5 +131,5 @@ def test_help_lists_every_setting(script, capsys):
         module.main(["--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--learning_rate", "--train_file", "--validation_split", "--optim", "--fast_dropout", "--seeds"):
+    for flag in ("--learning_rate", "--train_file", "--validation_split", "--optim", "--[no_]fast_dropout", "--seeds"):
         assert flag in text, flag
