@@ -71,7 +71,7 @@ class DataSourceArguments:
         "Fraction of the training data held out (seeded) as validation data when there is none."))
     max_length: int = field(default=128, metadata=_help("Tokens per example after truncation."))
     encoding: str = field(default="utf-8", metadata=_help(
-        "Text encoding of the data files (a UTF-8 byte-order mark is accepted); e.g. latin-1 or cp1252."))
+        "Text encoding of the data files (a UTF-8 byte-order mark is accepted); e.g. cp1252 for Windows files."))
     column_names: Optional[list[str]] = field(default=None, metadata=_help(
         "Column names of csv/tsv files without a header row, one per column."))
     delimiter: Optional[str] = field(default=None, metadata=_help(
