@@ -152,6 +152,9 @@ class TrainArguments:
     logging_steps: Optional[int] = field(default=None, metadata=_help(
         "Log loss, lr, grad norm and speed every N steps (default: about 40 points per run, at most every 50 "
         "steps, so short runs still draw a learning curve)."))
+    progress: Literal["auto", "bar", "lines", "none"] = field(default="auto", metadata=_help(
+        "Progress display: auto (a bar on terminals and in notebooks, sparse log lines when the output is a file; "
+        "env BERT_FINETUNE_PROGRESS sets it too), bar, lines or none. Phase start/end lines are always logged."))
     metric_for_best_model: Optional[str] = field(default=None, metadata=_help(
         "Validation metric that picks the best model and drives early stopping (task default if unset)."))
     greater_is_better: Optional[bool] = field(default=None, metadata=_help(

@@ -66,6 +66,7 @@ def test_common_has_no_import_cycle():
     # the layers named in docs/architecture.md, top to bottom
     assert "repeats" not in graph["single_run"] and "launch" not in graph["repeats"]
     assert not graph["log"] and not graph["errors"]
+    assert graph["progress"] == {"log"}  # bars and phase lines: used by the loop, data, export alike
     assert "loop" not in graph["task"] and "single_run" not in graph["loop"]
 
 
