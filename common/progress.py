@@ -142,12 +142,13 @@ class Bar:
         kwargs = dict(total=self.total, desc=self.desc, unit=self.unit, initial=self.initial, leave=leave,
                       dynamic_ncols=True)
         if mode() == "widget":
-            try:
-                from tqdm.notebook import tqdm as notebook_tqdm
+            from tqdm import notebook
 
-                return notebook_tqdm(**kwargs)
-            except Exception:  # noqa: BLE001 - a widget that cannot display: the text bar below
-                pass
+            if notebook.IProgress is not None:  # ipywidgets imported (a half-made widget bar errs when collected)
+                try:
+                    return notebook.tqdm(**kwargs)
+                except Exception:  # noqa: BLE001 - a widget that cannot display: the text bar below
+                    pass
         from tqdm.contrib.logging import logging_redirect_tqdm
         from tqdm.std import tqdm as text_tqdm
 

@@ -79,6 +79,32 @@ def test_short_tasks_and_bars_leave_no_progress_lines(monkeypatch, caplog):
     assert not caplog.records
 
 
+def test_log_lines_go_above_a_text_bar_not_into_its_line(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(progress, "_mode", "bar")
+    handler = logging.StreamHandler(sys.stderr)  # what setup_logging installs
+    logging.getLogger().addHandler(handler)
+    try:
+        with progress.bar(2, "train") as bar:
+            bar.update(1)
+            progress.logger.warning("a log line")
+            bar.update(1)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    line = next(line for line in err.split("\n") if "a log line" in line)
+    assert line.split("\r")[-1] == "a log line", repr(line)
+    assert "2/2" in err and progress._text_bars == 0
+
+
+def test_a_notebook_without_widgets_gets_a_text_bar(monkeypatch):
+    monkeypatch.setattr(progress, "_mode", "widget")
+    monkeypatch.setitem(__import__("sys").modules, "ipywidgets", None)  # not installed
+    with progress.bar(3, "train") as bar:
+        assert type(bar.tqdm).__module__ == "tqdm.std"
+
+
 def test_a_phase_logs_its_start_and_its_end_with_the_duration(caplog):
     with caplog.at_level(logging.INFO, logger="bert_finetune"):
         with progress.phase("tokenizing train", "3,668 rows") as step:
