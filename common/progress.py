@@ -93,8 +93,9 @@ def _isatty(stream) -> bool:
 
 def configure(requested: str, is_local_main: bool) -> str:
     """Set this process's mode (once per launch; a notebook may launch again with another); returns it."""
-    global _mode
+    global _mode, _text_bars
     _mode = choose_mode(requested, is_local_main)
+    _text_bars = 0  # a bar an earlier launch left open (its loop ended by an error) does not count
     return _mode
 
 

@@ -250,3 +250,13 @@ def test_the_learning_curve_marks_the_restored_best_step():
     # not restored, the last step evaluated during training: no second point
     lines, _ = _eval_panel(plots.learning_curve_figure(history, "accuracy", "t", final=(20, 0.7)))
     assert list(lines) == ["during training"]
+
+
+def test_the_overlay_of_runs_evaluated_only_at_the_end_shows_their_final_points(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, layout=True: drawn.append(fig))
+    histories = {f"seed_{s}": [{"step": i, "loss": 1 / i} for i in (5, 10)] for s in (1, 2)}
+    assert plots.learning_curves_overlay(histories, "f1", "unused.png", "t", finals={"seed_1": (10, 0.7),
+                                                                                     "seed_2": (10, 0.8)})
+    lines, texts = _eval_panel(drawn[0])
+    assert lines == {"seed_1 (final)": [(10, 0.7)], "seed_2 (final)": [(10, 0.8)]}
