@@ -31,6 +31,7 @@ import numpy as np
 
 from common import inference as inf
 from common import onnx_export as ox
+from common import progress
 from common.config import parse_args
 from common.errors import UserError, run_cli
 from common.files import honour_umask_tree
@@ -66,6 +67,9 @@ class ExportArguments:
     int8_keep_fp32: Optional[list[str]] = field(default=None, metadata={
         "help": "Parts left in fp32 in model_int8.onnx: embeddings, layer.N (encoder layer N), head; or auto "
                 "(the measured choice when agreement is poor).", "metavar": "PART"})
+    progress: Literal["auto", "bar", "lines", "none"] = field(default="auto", metadata={
+        "help": "Progress display of the parity check, the int8 search and the benchmark: auto (a bar on terminals "
+                "and in notebooks, log lines in a file; env BERT_FINETUNE_PROGRESS), bar, lines or none."})
     benchmark: bool = field(default=False, metadata={
         "help": "Measure PyTorch fp32, PyTorch bf16 autocast, ONNX Runtime fp32 and int8 on --data: metric, "
                 "latency at batch 1, throughput, file size, peak RSS (one fresh process each)."})
@@ -182,9 +186,10 @@ def parity_batches(data: inf.EvalSet, samples: int) -> list[dict]:
 
 
 def check_parity(model, names, fp32_path, batches, atol, regression, threads) -> tuple[list, ox.Comparison]:
-    reference = [ox.run_torch(model, b, names) for b in batches]
+    reference = [ox.run_torch(model, b, names) for b in progress.track(batches, "parity: PyTorch")]
     session = ox.ort_session(fp32_path, threads)
-    result = ox.compare(reference, [ox.run_ort(session, b) for b in batches], batches, regression)
+    result = ox.compare(reference, [ox.run_ort(session, b) for b in progress.track(batches, "parity: ONNX Runtime")],
+                        batches, regression)
     if not result.max_abs_diff <= atol:  # also refuses NaN
         raise UserError(f"fp32 ONNX logits differ from PyTorch by up to {result.max_abs_diff:.3g} (logits up to "
                         f"{result.logit_scale:.3g}) on {len(batches)} batches, above --atol {atol:g}; the export "
@@ -231,22 +236,27 @@ def int8_export(a, fp32_path, int8_path, reference, batches, regression, threads
 
 def search_fp32_parts(attempt, groups: dict, start: list, target: float, max_parts: int = 4) -> dict:
     """Each part kept in fp32 alone first (its gain), then the best parts together, most helpful first,
-    until `target` or `max_parts` parts: at most len(groups) + max_parts quantizations."""
+    until `target` or `max_parts` parts: at most len(groups) + max_parts quantizations (one bar tick each)."""
     alone = []
-    for g in (g for g in groups if g not in start):
-        result = attempt(start + [g])
-        alone.append({"keep_fp32": start + [g], "agreement": result["agreement"], "size_mb": result["size_mb"]})
-    tried = list(alone)
-    ranked = sorted(alone, key=lambda r: (-r["agreement"], r["size_mb"]))
-    best = ranked[0]
-    for n in range(2, min(max_parts, len(ranked)) + 1):
-        if best["agreement"] >= target:
-            break
-        keep = start + [r["keep_fp32"][-1] for r in ranked[:n]]
-        result = attempt(keep)
-        tried.append({"keep_fp32": keep, "agreement": result["agreement"], "size_mb": result["size_mb"]})
-        if result["agreement"] > best["agreement"]:
-            best = tried[-1]
+    candidates = [g for g in groups if g not in start]
+    with progress.bar(len(candidates) + max(0, min(max_parts, len(candidates)) - 1), "int8: parts kept in fp32",
+                      unit="quantization") as searched:
+        for g in candidates:
+            result = attempt(start + [g])
+            alone.append({"keep_fp32": start + [g], "agreement": result["agreement"], "size_mb": result["size_mb"]})
+            searched.update(1)
+        tried = list(alone)
+        ranked = sorted(alone, key=lambda r: (-r["agreement"], r["size_mb"]))
+        best = ranked[0]
+        for n in range(2, min(max_parts, len(ranked)) + 1):
+            if best["agreement"] >= target:
+                break
+            keep = start + [r["keep_fp32"][-1] for r in ranked[:n]]
+            result = attempt(keep)
+            tried.append({"keep_fp32": keep, "agreement": result["agreement"], "size_mb": result["size_mb"]})
+            searched.update(1)
+            if result["agreement"] > best["agreement"]:
+                best = tried[-1]
     return {**best, "tried": tried}
 
 
@@ -264,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Entry point; `argv` as a list of strings."""
     (a,) = parse_args([ExportArguments], argv, __doc__)
     check_inputs(a)
-    setup_logging(True)
+    setup_logging(True, bars=progress.configure(a.progress, True) in ("bar", "widget"))
     for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "onnxruntime"):  # pass-by-pass chatter
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers import AutoConfig, AutoTokenizer
@@ -293,15 +303,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         t0 = time.perf_counter()
         raw = os.path.join(tmp, "exported.onnx")
-        report = {"source": os.path.abspath(a.model), "head": head, "inputs": names, "outputs": ["logits"],
-                  "labels": [config.id2label[i] for i in range(config.num_labels)] if head != "fill-mask" else None,
-                  "max_length": a.max_length or settings.get("max_length") or 128, "export": ox.export_fp32(
-                      model, names, raw, a.opset)}
-        fp32 = os.path.join(tmp, ox.FP32_FILE)
-        report["export"].update(ox.fuse_for_ort(raw, fp32))
+        with progress.phase("exporting to ONNX (fp32), then fusing for ONNX Runtime"):
+            report = {"source": os.path.abspath(a.model), "head": head, "inputs": names, "outputs": ["logits"],
+                      "labels": [config.id2label[i] for i in range(config.num_labels)] if head != "fill-mask" else None,
+                      "max_length": a.max_length or settings.get("max_length") or 128, "export": ox.export_fp32(
+                          model, names, raw, a.opset)}
+            fp32 = os.path.join(tmp, ox.FP32_FILE)
+            report["export"].update(ox.fuse_for_ort(raw, fp32))
         os.unlink(raw)
         batches = parity_batches(data, a.parity_samples)
-        reference, parity = check_parity(model, names, fp32, batches, a.atol, regression, threads)
+        with progress.phase("parity check, PyTorch against ONNX Runtime",
+                            f"{sum(len(b['input_ids']) for b in batches)} examples in {len(batches)} batches"):
+            reference, parity = check_parity(model, names, fp32, batches, a.atol, regression, threads)
         report["parity"] = {"batches": [int(b["input_ids"].shape[0]) for b in batches], "from": a.data or "random",
                             "max_abs_diff": parity.max_abs_diff, "mean_abs_diff": parity.mean_abs_diff,
                             "logit_scale": parity.logit_scale, "atol": a.atol, "label_agreement": parity.agreement}
@@ -310,7 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     parity.max_abs_diff, sum(report["parity"]["batches"]), a.atol, 100 * parity.agreement)
         if a.quantize == "int8":
             int8 = os.path.join(tmp, ox.INT8_FILE)
-            report["int8"] = int8_export(a, fp32, int8, reference, batches, regression, threads)
+            with progress.phase("int8 quantization and its agreement with PyTorch"):
+                report["int8"] = int8_export(a, fp32, int8, reference, batches, regression, threads)
             report["files"][ox.INT8_FILE] = report["int8"]["size_mb"]
             logger.info("int8: %.1f MB (fp32 %.1f MB); labels agree with PyTorch fp32 on %.2f%% of %d items",
                         report["int8"]["size_mb"], report["files"][ox.FP32_FILE], 100 * report["int8"]["agreement"],

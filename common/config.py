@@ -178,6 +178,9 @@ class TrainArguments:
     logging_steps: Optional[int] = field(default=None, metadata=_help(
         "Log loss, lr, grad norm and speed every N steps (default: about 40 points per run, at most every 50 "
         "steps).", group="sharing"))
+    progress: Literal["auto", "bar", "lines", "none"] = field(default="auto", metadata=_help(
+        "Progress: auto (a bar on terminals and in notebooks, sparse log lines in a file; env "
+        "BERT_FINETUNE_PROGRESS), bar, lines or none.", group="sharing"))
     metric_for_best_model: Optional[str] = field(default=None, metadata=_help(
         "Validation metric that picks the best model and drives early stopping (default: the task's).",
         group="evaluation"))

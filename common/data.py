@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from . import hub
+from . import hub, progress
 from .errors import UserError, closest, fmt_columns
 from .files import check_file, file_extension, first_line, local_file, read_text  # noqa: F401 (re-exported)
 from .validate import is_missing  # noqa: F401 (re-exported)
@@ -238,10 +238,14 @@ def source_name(a) -> str:
 
 def tokenize_split(ctx, split: str, raw: datasets.Dataset, fn: Callable[[dict], dict], key_parts: Sequence,
                    remove_columns: Sequence[str]) -> datasets.Dataset:
-    """tokenize_cached with the run's settings; records whether `split` came from the cache in ctx.timings."""
+    """tokenize_cached with the run's settings, announced (start and end lines; datasets' bar for a large
+    file where bars show); records whether `split` came from the cache in ctx.timings."""
     a = ctx.data_args
-    res = tokenize_cached(raw, fn, key_parts, ctx.accelerator, remove_columns=remove_columns,
-                          num_proc=a.preprocessing_num_workers, overwrite=a.overwrite_cache, desc=f"Tokenizing {split}")
+    with progress.phase(f"tokenizing {split}", f"{len(raw):,} rows") as step, progress.library_bars(len(raw)):
+        res = tokenize_cached(raw, fn, key_parts, ctx.accelerator, remove_columns=remove_columns,
+                              num_proc=a.preprocessing_num_workers, overwrite=a.overwrite_cache,
+                              desc=f"Tokenizing {split}")
+        step.note = "from the cache" if res.from_cache else ""
     ctx.timings[f"tokenize_{split}_cached"] = res.from_cache
     return res.dataset
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import progress
 from .config import parse_layer_map
 from .errors import UserError
 from .files import honour_umask
@@ -212,7 +213,7 @@ def compute_logits(teacher, base: Objective, train, collator, accelerator, batch
                                             collate_fn=collator))
     rows: dict[int, np.ndarray] = {}
     with torch.inference_mode():
-        for batch in loader:
+        for batch in progress.track(loader, "teacher logits"):
             with accelerator.autocast():
                 logits = teacher(**model_inputs(batch)).logits.float()
             mask = base.distill_mask(batch)
@@ -483,7 +484,8 @@ def setup(task, ctx, data, built, objective: Objective, collator) -> DistillObje
     needs_logits = args.distill_prediction and args.distill_alpha < 1
     teacher, store, taps = None, None, (None, None)
     if per_step:
-        teacher = load_teacher(task, ctx)
+        with progress.phase(f"loading the teacher {name}", "run at every step"):
+            teacher = load_teacher(task, ctx)
         if "attention" in losses:
             taps = (AttentionTaps(built.model, [s for s, _ in pairs], "student"),
                     AttentionTaps(teacher, [t for _, t in pairs], "teacher"))
@@ -494,9 +496,11 @@ def setup(task, ctx, data, built, objective: Objective, collator) -> DistillObje
         key = hashlib.sha256(json.dumps([CACHE_VERSION, fingerprint, data_fingerprint(data.train), acc.mixed_precision,
                                          acc.device.type]).encode()).hexdigest()[:24]
 
-        def compute() -> LogitStore:
-            model = load_teacher(task, ctx)
-            store = compute_logits(model, objective, data.train, collator, acc, eval_batch_size(args, acc.device))
+        def compute() -> LogitStore:  # not cached yet: the one slow part of a distillation's start
+            with progress.phase("computing the teacher's logits", f"{len(data.train):,} training examples, "
+                                "cached for later runs"):
+                model = load_teacher(task, ctx)
+                store = compute_logits(model, objective, data.train, collator, acc, eval_batch_size(args, acc.device))
             del model
             gc.collect()
             return store

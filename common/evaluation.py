@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import progress
+
 
 @dataclass
 class EvalResult:
@@ -19,13 +21,14 @@ class EvalResult:
         return len(next(iter(self.outputs.values()))) if self.outputs else 0
 
 
-def evaluate(model, objective, dataloader, accelerator) -> EvalResult:
-    """Collective: run the objective's eval_outputs over a prepared dataloader and compute metrics."""
+def evaluate(model, objective, dataloader, accelerator, desc: str = "eval") -> EvalResult:
+    """Collective: run the objective's eval_outputs over a prepared dataloader and compute metrics (a
+    progress bar named `desc` on the main process)."""
     was_training = model.training
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
-        for batch in dataloader:
+        for batch in progress.track(dataloader, desc):
             outs = objective.eval_outputs(model, batch)
             for key, pad in objective.eval_pad_values.items():
                 if key in outs:

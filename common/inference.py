@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import progress
 from .errors import UserError
 
 BACKENDS = ("pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int8")
@@ -422,11 +423,13 @@ def benchmark(data: EvalSet, files: dict, source: str, threads: int, batch_size:
         labels = data.extra["mlm_labels"]
         np.savez(spec["mlm_labels"], values=np.concatenate(labels), lengths=np.array([len(x) for x in labels]))
     runs: dict = {b: [] for b in files}
-    for _ in range(repeats):
-        for backend, model_file in files.items():
+    for r in range(repeats):
+        for i, backend in enumerate(files, 1):
             outputs = os.path.join(workdir, f"{backend}.npz")
-            runs[backend].append(run_backend({**spec, "backend": backend, "model": model_file, "outputs": outputs},
-                                             workdir))
+            turn = f"{i}/{len(files)}" + (f", round {r + 1}/{repeats}" if repeats > 1 else "")
+            with progress.phase(f"benchmark {backend}", f"{turn}; up to {max_seconds:g} s per timed part"):
+                runs[backend].append(run_backend({**spec, "backend": backend, "model": files[backend],
+                                                  "outputs": outputs}, workdir))
     records, reference = [], None
     for backend, model_file in files.items():
         record = _fastest(runs[backend])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import hub, reporting, validate
+from . import hub, progress, reporting, validate
 from .config import ModelArguments, TrainArguments, parse_args
 from .errors import UserError
 from .log import logger, setup_logging
@@ -60,7 +60,8 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
                                   clearing=args.overwrite_output_dir and not args.resume_from_checkpoint)
     runtime = make_runtime(args, args.output_dir)
     try:
-        setup_logging(runtime.accelerator.is_local_main_process)
+        main_here = runtime.accelerator.is_local_main_process
+        setup_logging(main_here, bars=progress.configure(args.progress, main_here) in ("bar", "widget"))
         if announce:
             logger.info(announce)
         if reused and (reused.values or reused.skipped):

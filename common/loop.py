@@ -13,13 +13,13 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from typing import Callable, Optional
 
 import torch
 
 from . import checkpoint as ckpt
+from . import progress
 from .build import Training
 from .config import TrainArguments
 from .errors import UserError
@@ -117,11 +117,7 @@ class Trainer:
         t_start = time.perf_counter() - state.train_seconds  # a resumed run keeps counting its time
         t_first = time.perf_counter()
         self.model.train()
-        bar_on = acc.is_local_main_process and sys.stderr.isatty()
-        from tqdm.auto import tqdm
-
-        with self._signal_handlers(), tqdm(total=t.total_steps, initial=state.global_step, desc="train",
-                                           dynamic_ncols=True, disable=not bar_on) as bar:
+        with self._signal_handlers(), progress.bar(t.total_steps, "train", initial=state.global_step) as bar:
             for window, end_of_epoch in self._windows():
                 window = self._prepare_window(window)
                 items, loss = self._forward_backward(window, meter)
@@ -349,10 +345,10 @@ class Trainer:
                     saved.epoch, saved.batches_in_epoch)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, dataloader=None) -> EvalResult:
+    def evaluate(self, dataloader=None, desc: str = "eval") -> EvalResult:
         """Collective: evaluate the model on a prepared loader (default: the validation loader)."""
         loader = dataloader if dataloader is not None else self.training.eval_dl
-        return evaluate(self.model, self.objective, loader, self.accelerator)
+        return evaluate(self.model, self.objective, loader, self.accelerator, desc)
 
     def evaluate_initial(self) -> None:
         """Evaluate the weights before any training step (logged at step 0, kept in the trainer state)."""

@@ -40,30 +40,60 @@ def _label(metric: str) -> str:
     return metric.replace("_", " ")
 
 
-def learning_curve(history: Sequence[dict], metric: str, path: str, title: str) -> Optional[str]:
-    """Training loss and the evaluation metric against the optimizer step, one run."""
+def learning_curve_figure(history: Sequence[dict], metric: str, title: str, final: Optional[tuple] = None,
+                          restored_step: Optional[int] = None):
+    """The figure of `learning_curve` (None when there is nothing to draw). `final`: (step, value) of the
+    evaluation made at the end, drawn as its own point when no evaluation in `history` shows those weights
+    (the only evaluation was the final one, or the last step was not evaluated); `restored_step`: the best
+    step whose weights were restored and saved, marked on both panels."""
     loss, ev = _curves(history, metric)
-    if not loss and not ev:
+    if final is not None and (final[1] is None or restored_step is not None or any(s == final[0] for s, _ in ev)):
+        final = None  # the saved weights' evaluation is already a point of the curve (restored: the best one)
+    if not loss and not ev and final is None:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     axes[0].plot(*zip(*loss), marker="o", ms=3) if loss else axes[0].text(0.5, 0.5, "no training loss logged",
                                                                          ha="center", transform=axes[0].transAxes)
     axes[0].set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
     if ev:
-        axes[1].plot(*zip(*ev), marker="o", ms=4, color="tab:orange")
-    else:
-        axes[1].text(0.5, 0.5, "no evaluation", ha="center", transform=axes[1].transAxes)
+        axes[1].plot(*zip(*ev), marker="o", ms=4, color="tab:orange", label="during training")
+    if final is not None:
+        axes[1].plot([final[0]], [final[1]], marker="*", ms=12, ls="none", color="tab:red",
+                     label=f"final evaluation (step {final[0]})")
+    if not ev and final is None:
+        axes[1].text(0.5, 0.5, "no evaluation data", ha="center", transform=axes[1].transAxes)
+    if restored_step is not None:
+        best = [p for p in ev if p[0] == restored_step][-1:]
+        if best:
+            axes[1].plot(*zip(*best), marker="o", ms=10, ls="none", mfc="none", mec="tab:green", mew=1.5,
+                         label="_best point")
+        for ax in axes:
+            ax.axvline(restored_step, ls="--", lw=1.2, color="tab:green",
+                       label=f"best, restored (step {restored_step})")
     axes[1].set(xlabel="optimizer step", ylabel=f"validation {_label(metric)}", title=f"Validation {_label(metric)}")
+    if axes[1].get_legend_handles_labels()[0] and (final is not None or restored_step is not None):
+        axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def learning_curve(history: Sequence[dict], metric: str, path: str, title: str, final: Optional[tuple] = None,
+                   restored_step: Optional[int] = None) -> Optional[str]:
+    """Training loss and the evaluation metric against the optimizer step, one run (learning_curve_figure)."""
+    fig = learning_curve_figure(history, metric, title, final, restored_step)
+    if fig is None:
+        return None
     _save(fig, path)
     return path
 
 
-def learning_curves_overlay(histories: dict, metric: str, path: str, title: str) -> Optional[str]:
-    """All runs' curves on shared axes (one colour per run)."""
+def learning_curves_overlay(histories: dict, metric: str, path: str, title: str,
+                            finals: Optional[dict] = None) -> Optional[str]:
+    """All runs' curves on shared axes (one colour per run). `finals`: run -> (step, value) of its final
+    evaluation, drawn as a star for a run evaluated only at the end."""
     if not histories:
         return None
     plt = _plt()
@@ -76,6 +106,9 @@ def learning_curves_overlay(histories: dict, metric: str, path: str, title: str)
             axes[0].plot(*zip(*loss), color=color, alpha=0.8, lw=1.2, label=name)
         if ev:
             axes[1].plot(*zip(*ev), color=color, marker="o", ms=3, lw=1.2, label=name)
+        elif (finals or {}).get(name) and finals[name][1] is not None:
+            axes[1].plot([finals[name][0]], [finals[name][1]], color=color, marker="*", ms=10, ls="none",
+                         label=f"{name} (final)")
     axes[0].set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
     axes[1].set(xlabel="optimizer step", ylabel=f"validation {_label(metric)}", title=f"Validation {_label(metric)}")
     for ax in axes:

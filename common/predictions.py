@@ -4,12 +4,12 @@ unlabelled file in file order without holding more than one gathered batch."""
 from __future__ import annotations
 
 import csv
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
+from . import progress
 from .evaluation import concat
 from .task import PredictionWriter
 
@@ -87,13 +87,10 @@ class ConllPredictions(PredictionWriter):
 def stream_predictions(model, objective, loader, accelerator, writer: Optional[PredictionWriter]) -> int:
     """Collective: predict a prepared loader in file order, handing each gathered batch to the writer
     (main process) as it comes; returns the number of rows. Nothing but one batch is held."""
-    from tqdm.auto import tqdm
-
     model.eval()
     rows = 0
-    bar = not (accelerator.is_local_main_process and sys.stderr.isatty())
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="predict", dynamic_ncols=True, disable=bar):
+        for batch in progress.track(loader, "predict"):
             outs = objective.eval_outputs(model, batch)
             for key, pad in objective.eval_pad_values.items():
                 if key in outs:

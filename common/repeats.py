@@ -23,6 +23,7 @@ from .config import to_jsonable
 from .errors import UserError
 from .log import logger
 from .plan import PlannedRun
+from .progress import duration
 from .single_run import prepare_run, run_single
 from .stats import summarize
 from .task import Context
@@ -132,6 +133,7 @@ def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) 
         reporting.write_text_atomic(os.path.join(args.output_dir, SUMMARY_TXT), table + "\n")
         draw_summary_plots(summary, per_run, args.output_dir)
         print("\n" + table, flush=True)
+        logger.info("\n".join(job_last_lines(summary, args.output_dir)))
     accelerator.wait_for_everyone()
     return summary
 
@@ -227,6 +229,32 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def job_last_lines(summary: dict, output_dir: str) -> list[str]:
+    """The block a multi-run job ends with: the main metric's mean and 95% interval over the runs, the time
+    (the runs' own, and this invocation's when earlier ones ran some), the folder with its key files."""
+    n, what = summary["num_runs"], (f"{summary['kfold']}-fold cross-validation" if summary["mode"] == "kfold"
+                                   else f"{summary['num_runs']} seeds")
+    names = headline(summary, limit=1)
+    stats = summary["metrics"].get(names[0]) if names else None
+    if stats and stats.get("mean") is not None:
+        spread = (f" ± {stats['ci95_halfwidth']:.4f} (95% CI {stats['ci95'][0]:.4f} to {stats['ci95'][1]:.4f})"
+                  if stats.get("ci95") else "")
+        head = f"{what}, {names[0].replace('_', ' ', 1)} {stats['mean']:.4f}{spread}, mean of {n} runs"
+    else:
+        head = f"{what}, {n} runs"
+    earlier = summary.get("runs_finished_earlier") or 0
+    time_line = f"time   {duration(summary['total_seconds'])} of runs in all"
+    if earlier:
+        time_line += f"; this invocation {duration(summary['job_seconds'])} ({earlier} runs finished earlier)"
+    files = [f for f in (SUMMARY_TXT, SUMMARY, "metrics_summary.png", "learning_curves.png", "confusion_matrix.png")
+             if os.path.isfile(os.path.join(output_dir, f))]
+    runs = [r["name"] + "/" for r in summary["runs"]]
+    folders = ", ".join(runs) if len(runs) <= 3 else f"{runs[0]} ... {runs[-1]}"
+    return [f"── done: {head} ──", time_line,
+            f"output {output_dir}: {', '.join(files)}; one folder per run: {folders}",
+            f"       every run's metrics in {SUMMARY_TXT} and {SUMMARY}"]
+
+
 def draw_summary_plots(summary: dict, per_run: dict, output_dir: str) -> None:
     histories = {}
     for r in summary["runs"]:
@@ -236,8 +264,10 @@ def draw_summary_plots(summary: dict, per_run: dict, output_dir: str) -> None:
                 histories[r["name"]] = [json.loads(line) for line in fh if line.strip()]
     metric = summary.get("primary_metric") or "loss"
     what = f"{summary['kfold']}-fold CV" if summary["mode"] == "kfold" else f"{summary['num_runs']} seeds"
+    finals = {name: ((res.get("train") or {}).get("global_step"), (res.get("eval") or {}).get(metric))
+              for name, res in per_run.items()}
     plots.safely(plots.learning_curves_overlay, histories, metric, os.path.join(output_dir, "learning_curves.png"),
-                 f"Learning curves, {what}")
+                 f"Learning curves, {what}", finals=finals)
     names = headline(summary)
     plots.safely(plots.metric_spread, {r["name"]: r["metrics"] for r in summary["runs"]}, names,
                  os.path.join(output_dir, "metrics_summary.png"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from . import distill, hub, plots, reporting, validate
+from . import distill, hub, plots, progress, reporting, validate
 from .build import build_training, check_fsdp_model, eval_batch_size, eval_loader
 from .collate import PadCollator, length_sorted, pad_multiple
 from .config import parse_layers, to_jsonable
@@ -70,7 +70,8 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
         data.eval = data.eval.select(range(min(cap, len(data.eval)))) if data.eval is not None else None
         data.test = data.test.select(range(min(cap, len(data.test)))) if data.test is not None else None
     set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
-    built = task.build_model(ctx, data)
+    with progress.phase(f"loading the model {ctx.model_args.model}"):  # a download, when not cached yet
+        built = task.build_model(ctx, data)
     if args.init_student_layers:  # a smaller student: a subset of --model's layers (DistilBERT-style)
         keep_layers(built.model, parse_layers(args.init_student_layers, "--init_student_layers"), ctx.model_args.model)
     check_fsdp_model(built.model, ctx.accelerator)
@@ -87,6 +88,7 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     collator = task.collator(ctx, data, base)
     if args.teacher_model:  # the task's objective, wrapped: the teacher checked and its logits cached, or loaded
         objective = distill.setup(task, ctx, data, built, objective, collator)
+    ctx.timings["prepare_seconds"] = time.perf_counter() - t0
     return RunInputs(data, built, objective, collator, multiple)
 
 
@@ -94,7 +96,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     """Train one model into ctx.args.output_dir; returns its results (also in results.json). `inputs`: this run's
     prepare_run, when the caller already made it (repeats.py checks the first run before writing anything)."""
     args, accelerator = ctx.args, ctx.accelerator
-    t0 = time.perf_counter()
+    # A run prepared by the caller (repeats.py) counts its preparation too: the time split adds up to the total.
+    t0 = time.perf_counter() - (ctx.timings.get("prepare_seconds", 0.0) if inputs is not None else 0.0)
     inputs = inputs or prepare_run(task, ctx)
     data = inputs.data
     if not args.do_train:
@@ -125,14 +128,19 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
         accelerator.init_trackers(task.name, config={k: v for k, v in settings.items()
                                                      if isinstance(v, (int, float, str, bool))})
     if task.eval_before_training and training.eval_dl is not None and resume is None:
-        t_initial = time.perf_counter()
-        trainer.evaluate_initial()
-        ctx.timings["initial_eval_seconds"] = time.perf_counter() - t_initial
+        with progress.phase("evaluating the starting weights", f"{len(eval_sorted):,} examples") as initial:
+            trainer.evaluate_initial()
+        ctx.timings["initial_eval_seconds"] = initial.seconds
+    t_train = time.perf_counter()
     try:
         trainer.train(resume)
     except Preempted as stop:
         logger.warning("preempted: checkpoint saved to %s; rerun with --resume_from_checkpoint latest", stop)
         raise SystemExit(EXIT_PREEMPTED) from None
+    ctx.timings["session_train_seconds"] = time.perf_counter() - t_train
+    logger.info("training: done in %s (%s)", progress.duration(ctx.timings["session_train_seconds"]),
+                steps_done(trainer.state.global_step, saved.global_step if saved else None,
+                           trainer.state.train_seconds))
     restored = trainer.restore_best()
 
     t_eval = time.perf_counter()
@@ -142,19 +150,25 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     saved_extra = task.after_save(ctx, data, inputs.built, args.output_dir) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
     results.update(run_results(ctx, data, inputs, trainer, restored, t0, eval_seconds))
+    if saved is not None:
+        results["timing"]["resumed_at_step"] = saved.global_step
     results.update(task.extra_results(ctx, data, inputs.built, results, trainer))
     for key, value in saved_extra.items():  # sections are merged: after_save adds to what extra_results gave
         results[key] = {**results.get(key, {}), **value} if isinstance(value, dict) else value
     if accelerator.is_main_process:
         write_outputs(task, ctx, data, results, trainer.metric)
     trainer.cleanup_best()
+    t_upload = time.perf_counter()
     if ctx.hub_repo and accelerator.is_main_process:
         logger.info("uploaded %s to %s", args.output_dir, hub.push(args, ctx.hub_repo))
     accelerator.wait_for_everyone()
-    summary = " ".join(f"{split}_{k}={v:.4f}" for split in ("eval", "test") for k, v in results.get(split, {}).items()
-                       if isinstance(v, float))
-    logger.info("done in %.1f s (train %.1f s): %s", results["timing"]["total_seconds"], trainer.state.train_seconds,
-                summary)
+    t_end = time.perf_counter()
+    initial = ctx.timings.get("initial_eval_seconds", 0.0)
+    parts = {"load": t_train - t0 - initial, "train": ctx.timings["session_train_seconds"],
+             "eval": initial + eval_seconds + (t_eval - t_train - ctx.timings["session_train_seconds"]),
+             "save": t_upload - t_eval - eval_seconds, "upload": t_end - t_upload if ctx.hub_repo else 0.0}
+    if accelerator.is_main_process:
+        logger.info("\n".join(last_lines(results, trainer.metric, args.output_dir, key_files(args.output_dir), parts)))
     return results
 
 
@@ -175,13 +189,15 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
     model = acc.prepare(inputs.built.model)
     batch_size = eval_batch_size(args, acc.device)
     results: dict = {}
+    t_start = time.perf_counter()
     for split, dataset in (("eval", data.eval), ("test", data.test)):
         if dataset is None:
             continue
         started = time.perf_counter()
         if "labels" in dataset.column_names:  # evaluated as after training: length-sorted, all outputs kept
             loader = acc.prepare(eval_loader(length_sorted(dataset), batch_size, inputs.collator, args))
-            outcome = evaluate(model, inputs.objective, loader, acc)
+            with progress.phase(f"evaluating on {split}", f"{len(dataset):,} examples"):
+                outcome = evaluate(model, inputs.objective, loader, acc, split)
             results[split] = outcome.metrics | {"num_examples": outcome.num_examples}
             if acc.is_main_process:
                 write_predictions(task, ctx, data, split, outcome.outputs)
@@ -189,7 +205,8 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
             writer = task.prediction_writer(ctx, data, split) if acc.is_main_process else None
             loader = acc.prepare(eval_loader(dataset, batch_size, inputs.collator, args))
             try:
-                rows = stream_predictions(model, inputs.objective, loader, acc, writer)
+                with progress.phase(f"predicting {split}", f"{len(dataset):,} rows, no labels"):
+                    rows = stream_predictions(model, inputs.objective, loader, acc, writer)
             except BaseException:
                 if writer is not None:
                     writer.abort()
@@ -203,13 +220,15 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
     results.update(timing=timing, data=data.info, model={"base_model": ctx.model_args.model, "trained_here": False},
                    setup=setup_info(ctx.runtime) | {"eval_batch_size": batch_size,
                                                     "pad_to_multiple_of": inputs.pad_multiple})
+    t_save = time.perf_counter()
     if acc.is_main_process:
         draw_run_plots(args.output_dir, inputs.objective.default_metric, results, ctx.run_name)
         reporting.write_json(os.path.join(args.output_dir, reporting.RESULTS), results)
     acc.wait_for_everyone()
-    summary = " ".join(f"{split}_{k}={v:.4f}" for split in ("eval", "test") for k, v in results.get(split, {}).items()
-                       if isinstance(v, float))
-    logger.info("evaluated without training in %.1f s: %s", timing["total_seconds"], summary)
+    if acc.is_main_process:
+        parts = {"load": t_start - t0, "eval": t_save - t_start, "save": time.perf_counter() - t_save}
+        logger.info("\n".join(last_lines(results, args.metric_for_best_model or inputs.objective.default_metric,
+                                         args.output_dir, key_files(args.output_dir), parts)))
     return results
 
 
@@ -225,7 +244,11 @@ def final_evaluation(task: Task, ctx: Context, data: PreparedData, trainer: Trai
         if outcome is None:
             loader = eval_loader(length_sorted(dataset), trainer.training.eval_batch_size, trainer.training.collator,
                                  ctx.args)
-            outcome = trainer.evaluate(ctx.accelerator.prepare(loader))
+            with progress.phase(f"final evaluation on {split}", f"{len(dataset):,} examples"):
+                outcome = trainer.evaluate(ctx.accelerator.prepare(loader), split)
+        else:
+            logger.info("final evaluation on %s: the saved weights were evaluated at step %d; reused", split,
+                        trainer.state.best_step if restored else trainer.state.global_step)
         results[split] = outcome.metrics | {"num_examples": outcome.num_examples}
         if ctx.accelerator.is_main_process:
             write_predictions(task, ctx, data, split, outcome.outputs)
@@ -256,6 +279,8 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
         "nonfinite_skipped": st.nonfinite_skipped,
         "final_train_loss": next((r["loss"] for r in reversed(trainer.history) if "loss" in r), None),
     }
+    # train_seconds and the speeds cover every session of a resumed run; session_train_seconds and
+    # total_seconds only this process's (so a resumed run's training time may exceed its total).
     timing = {**ctx.timings, "train_seconds": st.train_seconds, "train_steps_seconds": t_steps,
               "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
               "first_step_seconds": trainer.first_step_seconds, "final_eval_seconds": eval_seconds,
@@ -302,15 +327,19 @@ def write_outputs(task: Task, ctx: Context, data: PreparedData, results: dict, m
 
 
 def draw_run_plots(output_dir: str, metric: str, results: dict, name: str = "") -> None:
-    """learning_curve.png from log_history.jsonl, and confusion_matrix.png when there is one."""
+    """learning_curve.png from log_history.jsonl (with the final evaluation and the restored best step), and
+    confusion_matrix.png when there is one."""
     import json
 
     path = os.path.join(output_dir, reporting.LOG_HISTORY)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as fh:
             history = [json.loads(line) for line in fh if line.strip()]
+        train = results.get("train") or {}
+        final = (train.get("global_step"), (results.get("eval") or {}).get(metric)) if "eval" in results else None
         plots.safely(plots.learning_curve, history, metric, os.path.join(output_dir, "learning_curve.png"),
-                     f"Learning curve{f' ({name})' if name else ''}")
+                     f"Learning curve{f' ({name})' if name else ''}", final=final,
+                     restored_step=train.get("best_step") if train.get("restored_best") else None)
     labels = (results.get("data") or {}).get("labels")
     split = "test" if (results.get("test") or {}).get("confusion_matrix") else "eval"
     cm = (results.get(split) or {}).get("confusion_matrix")
@@ -318,3 +347,77 @@ def draw_run_plots(output_dir: str, metric: str, results: dict, name: str = "") 
         where = "held-out fold" if split == "test" and "fold" in name else f"{split} set"
         plots.safely(plots.confusion_matrix, cm, labels, os.path.join(output_dir, "confusion_matrix.png"),
                      f"Confusion matrix, {where}{f' ({name})' if name else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The last lines of a run
+# ---------------------------------------------------------------------------------------------
+
+# What a user opens first, in this order; predictions files and plots are found by their names.
+KEY_FILES = ("model.safetensors", "results.json", "predictions_*", "learning_curve.png", "confusion_matrix.png",
+             "README.md")
+
+
+def key_files(output_dir: str) -> list[str]:
+    """The key files present in output_dir (not the tokenizer and config files), and checkpoints/ if kept."""
+    import glob
+
+    found = []
+    for pattern in KEY_FILES:
+        found += sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))
+                        if os.path.isfile(p))
+    if os.path.isdir(os.path.join(output_dir, CKPT_DIR)):
+        found.append(CKPT_DIR + "/")
+    return found
+
+
+def steps_done(global_step: int, resumed_at: int | None, train_seconds: float) -> str:
+    """'115 steps', or for a resumed run 'steps 58-115 in this session; 55.0 s of training over all sessions'."""
+    if resumed_at is None:
+        return f"{global_step} steps"
+    return (f"steps {resumed_at + 1}-{global_step} in this session; {progress.duration(train_seconds)} of training "
+            "over all sessions")
+
+
+def _split_text(split: str, values: dict, metric: str) -> str:
+    """'eval accuracy 0.8333 on 408 examples', or 'test: 37 rows predicted (no labels)'."""
+    value = values.get(metric)
+    n = values.get("num_examples", 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{split} {metric} {value:.4f} on {n:,} examples"
+    return f"{split}: {n:,} rows predicted (no labels)"
+
+
+def last_lines(results: dict, metric: str, output_dir: str, files: list[str], parts: dict) -> list[str]:
+    """The block a run ends with: the main metric and the best step, the other split, the time split of this
+    session (its parts add up to the total; a resumed run's training over all sessions named as such), and
+    the output folder with its key files. `parts`: name -> seconds of this session."""
+    train, timing = results.get("train"), results.get("timing") or {}
+    splits = [s for s in ("eval", "test") if s in results]
+    if train is None:
+        where = "the model as it is, not trained"
+    elif train.get("restored_best") and train.get("best_step") is not None:
+        where = f"best at step {train['best_step']} of {train['global_step']}, restored"
+    elif train.get("best_step") is not None:
+        where = f"the last step's weights, step {train['global_step']}; best evaluated at step {train['best_step']}"
+    else:
+        where = f"the last step's weights, step {train['global_step']}"
+    if splits:
+        head = _split_text(splits[0], results[splits[0]], metric)
+    elif train and train.get("final_train_loss") is not None:
+        head = f"final training loss {train['final_train_loss']:.4f}, no evaluation data"
+    else:
+        head = "nothing evaluated"
+    lines = [f"── done: {head} ({where}) ──"]
+    lines += [" " * 7 + _split_text(split, results[split], metric) for split in splits[1:]]
+    note = "this session" if train else ""
+    if timing.get("resumed_at_step") is not None:
+        note += (f", resumed at step {timing['resumed_at_step']}; {progress.duration(timing['train_seconds'])} of "
+                 "training over all sessions")
+    shown = " + ".join(f"{name} {progress.duration(seconds)}" for name, seconds in parts.items()
+                       if seconds >= 0.05 or name == "train")
+    lines.append(f"time   total {progress.duration(sum(parts.values()))} = {shown}" + (f" ({note})" if note else ""))
+    lines.append(f"output {output_dir}: {', '.join(files) if files else '(nothing written)'}")
+    lines.append(" " * 7 + f"every metric and timing in {reporting.RESULTS}"
+                 + (f", the loss per step in {reporting.LOG_HISTORY}" if train else ""))
+    return lines

@@ -40,10 +40,10 @@ if POINT == "train":
 elif POINT == "eval":
     original_evaluate = loop.Trainer.evaluate
 
-    def evaluate(self, dataloader=None):
+    def evaluate(self, *args, **kwargs):
         if self.state.global_step == STEP:
             park()
-        return original_evaluate(self, dataloader)
+        return original_evaluate(self, *args, **kwargs)
 
     loop.Trainer.evaluate = evaluate
 elif POINT == "checkpoint":

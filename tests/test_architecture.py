@@ -67,6 +67,7 @@ def test_common_has_no_import_cycle():
     assert "repeats" not in graph["single_run"] and "launch" not in graph["repeats"]
     assert not graph["log"] and not graph["errors"]
     assert graph["notebook"] <= {"errors"}  # read by a notebook kernel before anything else is imported
+    assert graph["progress"] == {"log"}  # bars and phase lines: used by the loop, data, export alike
     assert "loop" not in graph["task"] and "single_run" not in graph["loop"]
     # a trained model's data settings, reused by launch and export.py: reading only, no engine
     assert graph["run_settings"] <= {"data", "errors", "files", "reporting"}

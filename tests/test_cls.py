@@ -146,6 +146,8 @@ def test_preempt_mid_epoch_then_resume_gives_identical_weights(tiny_model, senti
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert res["eval"] == ref["eval"]
     assert res["train"]["best_step"] == ref["train"]["best_step"]
+    timing = res["timing"]  # this session's time apart from the training of all sessions (issue 23)
+    assert timing["resumed_at_step"] == 20 and timing["session_train_seconds"] < timing["train_seconds"]
     steps = [r["step"] for r in read_log(part) if "loss" in r]
     assert steps == sorted(set(steps)) == [r["step"] for r in read_log(full) if "loss" in r]
 
