@@ -166,7 +166,8 @@ class TrainArguments:
         "Save a resumable checkpoint every N optimizer steps, or 'epoch'."))
     save_total_limit: Optional[int] = field(default=None, metadata=_help("Keep only the newest N checkpoints."))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
-        "A checkpoint folder, or 'latest' (the newest complete one in output_dir; starts fresh if none)."))
+        "A checkpoint folder; 'latest': the newest complete one in output_dir (refused if there is none); 'auto': "
+        "the same, or a fresh start if there is none (one command for a first run and its restarts)."))
     do_train: bool = field(default=True, metadata=_help(
         "Train. --no_do_train evaluates/predicts with --model as it is (a trained output folder of this script, or any "
         "model with this task's head): its label maps come from its config."))
