@@ -158,7 +158,7 @@ class MlmTask(Task):
             raise UserError(f"the tokenizer has {len(ctx.tokenizer)} tokens but the model's embedding has {rows} rows; "
                             "use the model's own tokenizer.")
         head_new = mlm.head_is_new(built.model, built.new_weights)
-        if head_new:
+        if head_new and not ctx.resume_from:  # resuming: the head comes from the checkpoint
             logger.warning("'%s' has no trained MLM head (%s newly initialised): the initial perplexity is that "
                            "of a random head; training fits it", ctx.model_args.model, ", ".join(head_new))
         built.state = MlmModelState(head_new, bool(getattr(built.model.config, "tie_word_embeddings", False)))

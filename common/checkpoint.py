@@ -3,15 +3,17 @@
 A checkpoint is written into `checkpoints/.tmp-<name>`, its files fsynced, a `COMPLETE` marker
 added, and only then renamed to `checkpoints/<name>`. `latest` is the complete checkpoint with the
 largest global step *read from its trainer_state.json* (never parsed from a folder name), so a
-kill while writing leaves the previous checkpoint as `latest`.
+kill while writing leaves the previous checkpoint as `latest`; with no checkpoint at all `latest` is
+refused and `auto` starts from scratch.
 
 What a checkpoint holds (the "safetensors" layout; one process, DDP and the other data-parallel setups):
 `model.safetensors` (the weights), `optimizer.safetensors` (AdamW's moments, its param groups as JSON in
 the header), `scaler.json` (the fp16 loss scale, if any), `trainer_state.json` (counters, schedule, the run's
-identity, this format's name) and `COMPLETE`. Random-number states are not needed: every micro-batch reseeds
-from (seed, step). Under FSDP, DeepSpeed, XLA or Megatron the sharded model and optimizer are written by
-accelerate's `save_state` instead (the "accelerate" layout: torch.save files, read back by accelerate with
-torch.load(weights_only=True); DeepSpeed reads its own) -- resume those only from folders you wrote.
+identity, this format's name), `log_history.jsonl` (the run's log records up to this step, so a resumed run's
+log starts with them wherever it is written) and `COMPLETE`. Random-number states are not needed: every
+micro-batch reseeds from (seed, step). Under FSDP, DeepSpeed, XLA or Megatron the sharded model and optimizer
+are written by accelerate's `save_state` instead (the "accelerate" layout: torch.save files, read back by
+accelerate with torch.load(weights_only=True); DeepSpeed reads its own) -- resume those only from folders you wrote.
 
 `check_checkpoint` runs before a resumed run writes anything: the folder must be a complete checkpoint
 written by these scripts in this layout, of the same run (model, task, labels, ...), hold no file these
@@ -21,12 +23,13 @@ the optimizer (safetensors headers read, shapes compared).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .errors import UserError
+from .errors import UserError, closest
 from .files import honour_umask_tree
 from .log import logger
 
@@ -35,6 +38,8 @@ COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCALER_FILE = "scaler.json"
+HISTORY_FILE = "log_history.jsonl"  # the same name and format as the output folder's log
+RESUME_KEYWORDS = ("latest", "auto")  # --resume_from_checkpoint values that are not folders
 FORMAT = "bert-finetune checkpoint 2"  # in trainer_state.json; older or foreign checkpoints lack it
 SHARDED = ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM")  # distributed types whose state accelerate writes
 
@@ -80,6 +85,15 @@ class TrainerState:
                     isinstance(default, float) and isinstance(value, int)):
                 raise ValueError(f"'{f.name}' is {value!r}")
         return state
+
+
+@dataclass
+class Checked:
+    """A checkpoint that check_checkpoint accepted: its folder, its trainer state and the log records up to its step
+    (all sessions; empty when neither the checkpoint nor its output folder kept them)."""
+    path: str
+    state: TrainerState
+    history: list = field(default_factory=list)
 
 
 def layout_of(accelerator) -> str:
@@ -183,8 +197,10 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def save_checkpoint(accelerator, model, optimizer, ckpt_root: str, name: str, state: TrainerState) -> str:
-    """Collective: every process calls it. Returns the final folder."""
+def save_checkpoint(accelerator, model, optimizer, ckpt_root: str, name: str, state: TrainerState,
+                    history: Optional[list] = None) -> str:
+    """Collective: every process calls it. `history`: the run's log records so far, kept with the state so that a
+    resumed run's log_history.jsonl carries them. Returns the final folder."""
     final = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f".tmp-{name}")
     if accelerator.is_main_process:
@@ -200,6 +216,9 @@ def save_checkpoint(accelerator, model, optimizer, ckpt_root: str, name: str, st
         if accelerator.is_main_process:
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
                 fh.write(state.to_json())
+            if history is not None:
+                with open(os.path.join(tmp, HISTORY_FILE), "w", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps(_finite(r), allow_nan=False) + "\n" for r in history)
             honour_umask_tree(tmp)  # safetensors files are written with mode 0600
             _fsync_tree(tmp)
             with open(os.path.join(tmp, COMPLETE), "w") as fh:
@@ -209,9 +228,10 @@ def save_checkpoint(accelerator, model, optimizer, ckpt_root: str, name: str, st
     except OSError as err:  # disk full, quota, permissions: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(ckpt_root)
-        keep = f"the newest complete one, {previous[-1][1]}, is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write checkpoint '{final}' ({err.strerror or err}); {keep}. Free space "
-                        "and rerun with --resume_from_checkpoint latest.") from None
+        keep = (f"the newest complete one, {previous[-1][1]}, is intact. Free space and rerun with "
+                "--resume_from_checkpoint latest" if previous else "no earlier checkpoint exists. Free space and "
+                "rerun with --resume_from_checkpoint auto (it starts from scratch when there is no checkpoint)")
+        raise UserError(f"could not write checkpoint '{final}' ({err.strerror or err}); {keep}.") from None
     if accelerator.is_main_process:
         if os.path.exists(final):
             old = os.path.join(ckpt_root, f".old-{name}")
@@ -249,24 +269,33 @@ def list_checkpoints(ckpt_root: str, kinds=("periodic", "preempted")) -> list[tu
 
 
 def resolve_resume(spec: Optional[str], ckpt_root: str) -> Optional[str]:
-    """'latest' -> the newest readable complete checkpoint (None if there is none at all; an error if there are
-    only unreadable ones); a path -> that folder, if it is a complete checkpoint."""
+    """The checkpoint folder to resume from, or None to start from scratch.
+
+    'latest' -> the newest readable complete checkpoint in `ckpt_root`; an error when there is none (a resume asked
+    for must not quietly become a new run). 'auto' -> the same, or None when there is no checkpoint at all (one
+    command for a first run and its restarts). Both refuse when checkpoints exist but none can be read. A path ->
+    that folder, if it is a complete checkpoint."""
     if not spec:
         return None
-    if spec == "latest":
+    if spec in RESUME_KEYWORDS:
         found = list_checkpoints(ckpt_root)
         complete = [os.path.join(ckpt_root, n) for n in sorted(os.listdir(ckpt_root)) if not n.startswith(".")
                     and is_complete(os.path.join(ckpt_root, n))] if os.path.isdir(ckpt_root) else []
         unreadable = [p for p in complete if p not in {path for _, path in found} and _read_error(p)]
         if not found and unreadable:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint in '{ckpt_root}' can be read "
+            raise UserError(f"--resume_from_checkpoint {spec}: no checkpoint in '{ckpt_root}' can be read "
                             f"({os.path.basename(unreadable[0])}: {_read_error(unreadable[0])}); pass "
                             "--overwrite_output_dir to start again, or a checkpoint folder.")
         for path in unreadable:
             logger.warning("skipped checkpoint %s: %s", path, _read_error(path))
+        if not found and spec == "latest":
+            raise UserError(f"--resume_from_checkpoint latest: there is no complete checkpoint in '{ckpt_root}' to "
+                            "resume; pass --resume_from_checkpoint auto to resume when there is one and start from "
+                            "scratch otherwise, a checkpoint folder, or drop the flag.")
         return found[-1][1] if found else None
     if not os.path.isdir(spec):
-        raise UserError(f"--resume_from_checkpoint '{spec}' does not exist; pass a checkpoint folder or 'latest'.")
+        raise UserError(f"--resume_from_checkpoint '{spec}' does not exist{closest(spec, RESUME_KEYWORDS)}; pass a "
+                        "checkpoint folder, 'latest' or 'auto'.")
     if not is_complete(spec):
         raise UserError(f"--resume_from_checkpoint '{spec}' is not a complete checkpoint "
                         f"(no {COMPLETE} marker or {STATE_FILE}); pick another one or 'latest'.")
@@ -282,10 +311,11 @@ def _read_error(path: str) -> Optional[str]:
     return None
 
 
-def check_checkpoint(path: str, identity: dict, accelerator, model, optimizer) -> TrainerState:
+def check_checkpoint(path: str, identity: dict, accelerator, model, optimizer) -> Checked:
     """Everything that can be known about resuming from `path` without loading it, before anything is written:
     its trainer state reads, it was written by these scripts in this setup's layout for the same run, it holds
-    no file these scripts never write, and its tensors fit the model and the optimizer. Returns its state."""
+    no file these scripts never write, its tensors fit the model and the optimizer, and its log history reads.
+    Returns its state and log history."""
     where = f"--resume_from_checkpoint '{path}'"
     try:
         saved = TrainerState.from_file(os.path.join(path, STATE_FILE))
@@ -310,13 +340,47 @@ def check_checkpoint(path: str, identity: dict, accelerator, model, optimizer) -
                         "(FSDP/DeepSpeed/XLA or not); resume with the accelerate config it was trained with.")
     if layout == "safetensors":
         _check_files(path, where, accelerator, model, optimizer)
-    return saved
+    return Checked(path, saved, read_history(path, saved.global_step))
+
+
+def read_history(path: str, step: int) -> list:
+    """The log records of the run up to `step` that a resumed run's log starts with: the checkpoint's own
+    log_history.jsonl, or (a checkpoint written before it kept one) the rows of the log_history.jsonl of the output
+    folder holding it. A damaged history of the checkpoint's own is refused."""
+    own = os.path.join(path, HISTORY_FILE)
+    source = own if os.path.isfile(own) else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
+                                                           HISTORY_FILE)
+    if not os.path.isfile(source):
+        return []
+    records = []
+    try:
+        with open(source, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError(f"line {number} is not a log record with a step")
+                records.append(record)
+    except (OSError, ValueError) as err:
+        if source != own:  # the output folder's log is not part of the checkpoint: resume without it
+            logger.warning("%s cannot be read (%s): the resumed log starts at step %d", source, err, step)
+            return []
+        raise UserError(f"--resume_from_checkpoint '{path}': its {HISTORY_FILE} is unreadable "
+                        f"({' '.join(str(err).split())[:120]}); delete that file to resume without the earlier log "
+                        "records, or resume from another checkpoint.") from None
+    return [r for r in records if r["step"] <= step]
+
+
+def _finite(record: dict) -> dict:
+    """A log record as strict JSON: NaN/inf -> None (as in the output folder's log)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _check_files(path: str, where: str, accelerator, model, optimizer) -> None:
     from safetensors import safe_open
 
-    allowed = {STATE_FILE, COMPLETE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE}
+    allowed = {STATE_FILE, COMPLETE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, HISTORY_FILE}
     present = set(os.listdir(path))
     foreign = sorted(present - allowed)
     if foreign:

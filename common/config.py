@@ -198,8 +198,8 @@ class TrainArguments:
     save_total_limit: Optional[int] = field(default=None, metadata=_help(
         "Keep only the newest N checkpoints.", group="checkpoints"))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
-        "A checkpoint folder, or 'latest' (the newest complete one in output_dir; starts fresh if none).",
-        group="checkpoints", metavar="DIR|latest"))
+        "A checkpoint folder; latest: the newest complete one in output_dir (refused if none); auto: the same, "
+        "or a fresh start if none.", group="checkpoints", metavar="DIR|latest|auto"))
     do_train: bool = field(default=True, metadata=_help(
         "Train (--no_do_train: evaluate/predict with --model as it is, e.g. a trained output folder).",
         group="training"))

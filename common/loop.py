@@ -9,6 +9,7 @@ build.py; what a batch's loss is comes from the task's `Objective` (task.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -91,7 +92,8 @@ class Trainer:
         self.greater = args.greater_is_better if args.greater_is_better is not None else greater_is_better(self.metric)
         self.state = ckpt.TrainerState(num_processes=accelerator.num_processes, identity=identity,
                                        state_format=ckpt.state_format(accelerator))
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # every log record of the run, a resumed checkpoint's included
+        self.resumed: Optional[ckpt.Checked] = None  # the checkpoint this session started from, if any
         self.last_eval: Optional[tuple[int, EvalResult]] = None  # (step, result) of the latest evaluation
         self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
         self.first_step_seconds: Optional[float] = None  # the first optimizer step of this session
@@ -103,7 +105,7 @@ class Trainer:
                              torch.tensor(training.items_per_step, device=accelerator.device, dtype=torch.float64))
 
     # -- the loop -------------------------------------------------------------------------------
-    def train(self, resume_from: Optional[str] = None) -> None:
+    def train(self, resume_from: Optional[ckpt.Checked] = None) -> None:
         args, acc, t = self.args, self.accelerator, self.training
         if resume_from:
             self.load_checkpoint(resume_from)
@@ -314,19 +316,21 @@ class Trainer:
         self.state.scheduler = {k: v for k, v in self.training.scheduler.state_dict().items() if k != "lr_lambdas"}
         name = BEST if kind == "best" else f"step_{self.state.global_step}"
         path = ckpt.save_checkpoint(self.accelerator, self.model, self.training.optimizer, self.ckpt_root, name,
-                                    self.state)
+                                    self.state, self.history)
         if kind != "best" and self.accelerator.is_main_process:
             ckpt.rotate(self.ckpt_root, self.args.save_total_limit)
         self.state.kind = "periodic"
         return path
 
-    def check_checkpoint(self, path: str) -> ckpt.TrainerState:
-        """Before anything is written: `path` is a checkpoint of this very run that fits the model and optimizer."""
+    def check_checkpoint(self, path: str) -> ckpt.Checked:
+        """Before anything is written: `path` is a checkpoint of this very run that fits the model and optimizer;
+        returns its state and log history."""
         return ckpt.check_checkpoint(path, self.identity, self.accelerator, self.model, self.training.optimizer)
 
-    def load_checkpoint(self, path: str) -> None:
-        """Load a checkpoint that check_checkpoint accepted (collective)."""
-        saved = ckpt.TrainerState.from_file(os.path.join(path, ckpt.STATE_FILE))
+    def load_checkpoint(self, checked: ckpt.Checked) -> None:
+        """Load a checkpoint that check_checkpoint accepted (collective): weights, optimizer, schedule, counters,
+        and the log records up to its step."""
+        path, saved = checked.path, dataclasses.replace(checked.state)  # `checked` keeps the state as it was read
         try:
             ckpt.read_state(self.accelerator, self.model, self.training.optimizer, path)
         except Exception as err:
@@ -340,9 +344,15 @@ class Trainer:
             groups = len(self.training.optimizer.param_groups)
             self.training.scheduler.load_state_dict(dict(saved.scheduler, lr_lambdas=[None] * groups))
         saved.kind = "periodic"
-        self.state = saved
-        logger.info("resumed from %s at step %d (epoch %d, %d batches into it)", path, saved.global_step,
-                    saved.epoch, saved.batches_in_epoch)
+        self.state, self.resumed = saved, checked
+        self.history = [dict(r) for r in checked.history]
+        logger.info("resumed from %s at step %d (epoch %d, %d batches into it; %.1f s of training before)", path,
+                    saved.global_step, saved.epoch, saved.batches_in_epoch, saved.train_seconds)
+
+    @property
+    def session_train_seconds(self) -> float:
+        """Training-loop seconds of this session alone (state.train_seconds counts the resumed sessions too)."""
+        return self.state.train_seconds - (self.resumed.state.train_seconds if self.resumed else 0.0)
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, dataloader=None, desc: str = "eval") -> EvalResult:

@@ -8,7 +8,6 @@ import torch
 
 from . import hub
 from .errors import UserError
-from .log import logger
 from .task import BuiltModel
 
 
@@ -77,10 +76,10 @@ def load_pretrained(auto_class, model_args, name: Optional[str] = None, flag: st
             dtype=torch.float32, **attn, **_hub_kwargs(name), **kwargs)
     except Exception as err:
         raise UserError(_load_message(name, err, "model", flag)) from None
+    # The new keys are returned, not logged: only the caller knows whether they stay new (a resumed run loads
+    # every weight from its checkpoint; a teacher must have none).
     new = sorted(set(info.get("missing_keys", [])) | {k if isinstance(k, str) else k[0]
                                                      for k in info.get("mismatched_keys", [])})
-    if new:
-        logger.info("newly initialised weights (trained from scratch here): %s", ", ".join(new))
     return BuiltModel(model, new, sorted(info.get("unexpected_keys", [])))
 
 

@@ -65,7 +65,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
         if resume is None:
             raise UserError(f"--output_dir '{output_dir}' is not empty; pass --overwrite_output_dir to replace it, "
                             "--resume_from_checkpoint latest to continue it, or choose another folder.")
-        if finished and resume == "latest" and not os.path.isdir(os.path.join(output_dir, "checkpoints")):
+        if finished and resume in ("latest", "auto") and not os.path.isdir(os.path.join(output_dir, "checkpoints")):
             raise UserError(f"--output_dir '{output_dir}' holds a finished run with no checkpoints to resume; "
                             "pass --overwrite_output_dir or choose another folder.")
 
@@ -86,14 +86,14 @@ def start_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main: 
 
 
 class LogWriter:
-    """Appends each log record to output_dir/log_history.jsonl (main process only)."""
+    """Appends each log record to output_dir/log_history.jsonl (main process only). A resumed run passes the
+    checkpoint's records (`carried`): the file is rewritten to hold exactly those first, whichever folder the
+    checkpoint came from, so the steps after the checkpoint are not logged twice."""
 
-    def __init__(self, output_dir: str, keep_until_step: Optional[int] = None):
+    def __init__(self, output_dir: str, carried: Optional[list] = None):
         self.path = os.path.join(output_dir, LOG_HISTORY)
-        if keep_until_step is not None and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as fh:
-                kept = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
-            write_text_atomic(self.path, "".join(kept))
+        if carried is not None:
+            write_text_atomic(self.path, "".join(json.dumps(_clean(record)) + "\n" for record in carried))
 
     def __call__(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -114,6 +114,106 @@ def check_trackers(report_to: Optional[str]) -> None:
                             f"tracked; `pip install {package}`, or drop --report_to.")
 
 
+# Set by a launcher that started several ranks (torchrun/accelerate's multi-process launchers, notebook_launcher,
+# mpirun): a process that has none of them is alone.
+RANK_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _parent_file(name: str) -> Optional[bytes]:
+    """/proc/<parent>/<name> (Linux), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/{name}", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _parent_environ() -> Optional[dict]:
+    raw = _parent_file("environ")
+    if raw is None:
+        return None
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if b"=" in item)
+    return {key: value for key, _, value in pairs}
+
+
+def _parent_argv() -> list[str]:
+    raw = _parent_file("cmdline")
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a] if raw else []
+
+
+def _launch_flag(argv: list[str], name: str) -> Optional[str]:
+    """The value of accelerate launch's --name / --name=V / --name-with-dashes in its own arguments (those before
+    the training script), or None."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(argv):
+        if arg.endswith(".py"):
+            break
+        key, eq, value = arg.partition("=")
+        if key in spellings:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _is_accelerate_launch(argv: list[str]) -> bool:
+    """`accelerate launch ...`, `accelerate-launch ...` or `python -m accelerate.commands.launch ...`."""
+    head = [os.path.basename(a) for a in argv[:3]]
+    return ("accelerate" in head and "launch" in argv[1:4]) or "accelerate-launch" in head or any(
+        a.startswith("accelerate.commands") for a in head)
+
+
+def lone_launch(env, parent_env: Optional[dict], parent_argv: list[str]) -> Optional[str]:
+    """Whether accelerate launch was asked for several processes (or machines) but started this process alone:
+    "sure", "likely" or None.
+
+    accelerate's single-process launcher (chosen with --cpu, or without --multi_gpu or a multi-process config)
+    ignores --num_processes and num_processes in a config; all it does with a number above 1 is set MASTER_ADDR
+    and MASTER_PORT for the one process it starts, beside ACCELERATE_USE_CPU ("True"/"False"), which it always
+    sets. The multi-process launchers set WORLD_SIZE and the ranks instead. So: those set, no rank variable, and,
+    where the parent process can be read (Linux /proc), the parent is accelerate launch and did not itself have
+    these MASTER_ADDR/MASTER_PORT (a user's exported ones are not a request): "sure"; without /proc: "likely"."""
+    if any(k in env for k in RANK_VARIABLES) or env.get("ACCELERATE_USE_CPU") not in ("True", "False"):
+        return None
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return None
+    if parent_env is None or not parent_argv:
+        return "likely"
+    inherited = all(parent_env.get(k) == env[k] for k in ("MASTER_ADDR", "MASTER_PORT"))
+    return "sure" if _is_accelerate_launch(parent_argv) and not inherited else None
+
+
+def lone_launch_message(parent_argv: list[str], on_cpu: bool, script: str) -> str:
+    """What happened, and the command that gives the processes asked for."""
+    processes, machines = _launch_flag(parent_argv, "num_processes"), _launch_flag(parent_argv, "num_machines")
+    if processes and processes != "1":
+        asked, n, instead = f"{processes} processes (--num_processes {processes})", processes, "drop --num_processes"
+    elif machines and machines != "1":
+        asked, n, instead = f"{machines} machines (--num_machines {machines})", "N", "drop --num_machines"
+    else:
+        asked, n, instead = ("several processes (num_processes in its config)", "N",
+                             "set num_processes: 1 in that config")
+    flags = f"--multi_gpu{f' --num_machines {machines}' if machines and machines != '1' else ''} --num_processes {n}"
+    ranks = (f"{n} CPU ranks launch `ACCELERATE_USE_CPU=1 accelerate launch {flags} {script} ...`" if on_cpu
+             else f"{n} processes launch `accelerate launch {flags} {script} ...`")
+    return (f"accelerate launch was asked for {asked} but started only this one: with --cpu, or without --multi_gpu "
+            "or a multi-process config, it uses its single-process launcher, and this process would train alone. "
+            f"For {ranks} (or `--config_file accelerate_configs/multi_gpu.yaml`{', without --cpu' if on_cpu else ''}); "
+            f"for one process {instead}.")
+
+
+def check_launch(on_cpu: bool) -> None:
+    """Refuse a multi-process request that accelerate launch turned into one process (warn where not sure)."""
+    parent_argv = _parent_argv()
+    found = lone_launch(os.environ, _parent_environ(), parent_argv)
+    if found is None:
+        return
+    import sys
+
+    message = lone_launch_message(parent_argv, on_cpu, os.path.basename(sys.argv[0]) or "train_cls.py")
+    if found == "sure":
+        raise UserError(message)
+    logger.warning("MASTER_ADDR/MASTER_PORT are set but this process has no rank: if %s", message)
+
+
 def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
     """Create the Accelerator, making sure a multi-process launch really gets several ranks and that
     FSDP, DeepSpeed, XLA or a device asked for by the launch is given or refused (engines.py)."""
@@ -126,6 +226,8 @@ def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     request = engines.read_request()
     on_cpu = use_cpu or not _accelerator_device_available()
+    if world <= 1:
+        check_launch(on_cpu)
     engines.check(request, on_cpu)  # before any process group: a refusal leaves nothing behind
     fsdp_cpu = engines.fsdp_on_cpu(request, on_cpu)
     if fsdp_cpu and "LOCAL_RANK" not in os.environ:

@@ -41,6 +41,8 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     from accelerate.utils import set_seed
 
     args = ctx.args
+    # First, before any loading: `latest` without a checkpoint is refused; what is resumed decides what is logged.
+    ctx.resume_from = resume_point(args) if args.do_train else None
     set_seed(args.seed)
     t0 = time.perf_counter()
     ctx.tokenizer = load_tokenizer(ctx.model_args, **task.tokenizer_kwargs(ctx.model_args))
@@ -72,6 +74,9 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
     with progress.phase(f"loading the model {ctx.model_args.model}"):  # a download, when not cached yet
         built = task.build_model(ctx, data)
+    new = [k for k in built.new_weights if not k.endswith("position_ids")]
+    if new and args.do_train and ctx.resume_from is None:  # resuming: every weight comes from the checkpoint
+        logger.info("newly initialised weights (trained from scratch here): %s", ", ".join(new))
     if args.init_student_layers:  # a smaller student: a subset of --model's layers (DistilBERT-style)
         keep_layers(built.model, parse_layers(args.init_student_layers, "--init_student_layers"), ctx.model_args.model)
     check_fsdp_model(built.model, ctx.accelerator)
@@ -92,6 +97,15 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     return RunInputs(data, built, objective, collator, multiple)
 
 
+def resume_point(args) -> str | None:
+    """The checkpoint folder --resume_from_checkpoint names (checkpoint.resolve_resume), or None for a fresh start."""
+    root = os.path.join(args.output_dir, CKPT_DIR)
+    found = ckpt.resolve_resume(args.resume_from_checkpoint, root)
+    if args.resume_from_checkpoint == "auto" and found is None:
+        logger.info("--resume_from_checkpoint auto: no checkpoint in %s yet, starting from scratch", root)
+    return found
+
+
 def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dict:
     """Train one model into ctx.args.output_dir; returns its results (also in results.json). `inputs`: this run's
     prepare_run, when the caller already made it (repeats.py checks the first run before writing anything)."""
@@ -103,9 +117,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     if not args.do_train:
         return evaluate_only(task, ctx, inputs, t0)
 
-    resume = ckpt.resolve_resume(args.resume_from_checkpoint, os.path.join(args.output_dir, CKPT_DIR))
-    if args.resume_from_checkpoint == "latest" and resume is None:
-        logger.info("no complete checkpoint in %s: starting from scratch", os.path.join(args.output_dir, CKPT_DIR))
+    resume = ctx.resume_from
     eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
     identity = {"model": ctx.model_args.model, "task": task.name, **data.identity}
     if ctx.split is not None:
@@ -113,7 +125,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
                               inputs.collator)
     trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity)
-    saved = trainer.check_checkpoint(resume) if resume is not None else None
+    checked = trainer.check_checkpoint(resume) if resume is not None else None
 
     # Output folder: created (or cleared) only now that data, model, training objects and checkpoint checked out.
     reporting.start_output_dir(args.output_dir, args.overwrite_output_dir, resume is not None,
@@ -122,8 +134,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     settings = to_jsonable(ctx.model_args, ctx.data_args, args)
     if accelerator.is_main_process:
         reporting.save_resolved_config(args.output_dir, settings)
-    if accelerator.is_main_process:  # log lines after the resumed step are written again
-        trainer.log_fn = reporting.LogWriter(args.output_dir, saved.global_step if saved else None)
+    if accelerator.is_main_process:  # a resumed log starts with the checkpoint's records (steps after it rerun)
+        trainer.log_fn = reporting.LogWriter(args.output_dir, checked.history if checked else None)
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers(task.name, config={k: v for k, v in settings.items()
                                                      if isinstance(v, (int, float, str, bool))})
@@ -133,13 +145,13 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
         ctx.timings["initial_eval_seconds"] = initial.seconds
     t_train = time.perf_counter()
     try:
-        trainer.train(resume)
+        trainer.train(checked)
     except Preempted as stop:
         logger.warning("preempted: checkpoint saved to %s; rerun with --resume_from_checkpoint latest", stop)
         raise SystemExit(EXIT_PREEMPTED) from None
     ctx.timings["session_train_seconds"] = time.perf_counter() - t_train
     logger.info("training: done in %s (%s)", progress.duration(ctx.timings["session_train_seconds"]),
-                steps_done(trainer.state.global_step, saved.global_step if saved else None,
+                steps_done(trainer.state.global_step, checked.state.global_step if checked else None,
                            trainer.state.train_seconds))
     restored = trainer.restore_best()
 
@@ -150,8 +162,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     saved_extra = task.after_save(ctx, data, inputs.built, args.output_dir) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
     results.update(run_results(ctx, data, inputs, trainer, restored, t0, eval_seconds))
-    if saved is not None:
-        results["timing"]["resumed_at_step"] = saved.global_step
+    if checked is not None:
+        results["timing"]["resumed_at_step"] = checked.state.global_step
     results.update(task.extra_results(ctx, data, inputs.built, results, trainer))
     for key, value in saved_extra.items():  # sections are merged: after_save adds to what extra_results gave
         results[key] = {**results.get(key, {}), **value} if isinstance(value, dict) else value
@@ -278,6 +290,9 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
         "restored_best": restored,
         "nonfinite_skipped": st.nonfinite_skipped,
         "final_train_loss": next((r["loss"] for r in reversed(trainer.history) if "loss" in r), None),
+        # a resumed run: where this session started; train_runtime and the speeds count every session
+        "resumed_from": ({"checkpoint": trainer.resumed.path, "step": trainer.resumed.state.global_step,
+                          "train_seconds": trainer.resumed.state.train_seconds} if trainer.resumed else None),
     }
     # train_seconds and the speeds cover every session of a resumed run; session_train_seconds and
     # total_seconds only this process's (so a resumed run's training time may exceed its total).

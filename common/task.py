@@ -67,6 +67,7 @@ class Context:
     split: Any = None             # plan.SplitPlan of a multi-run job (split seed, k-fold, held-out fold)
     run_name: str = ""
     hub_repo: Optional[str] = None  # --push_to_hub: the repository checked before training
+    resume_from: Optional[str] = None  # the checkpoint folder this run resumes from (set by prepare_run)
 
     @property
     def accelerator(self):

@@ -73,9 +73,9 @@ def check_against_single(one, out, processes, distributed_type="MULTI_CPU"):
     assert ckpts == ["step_12", "step_4", "step_8"]  # written once each, no temporary leftovers
     # one copy of the state, written by the main process, and nothing pickled; FSDP's state is written by
     # accelerate (torch.save, read back with weights_only=True), its random-state pickles removed
-    files = (["COMPLETE", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
+    files = (["COMPLETE", "log_history.jsonl", "model.safetensors", "optimizer.safetensors", "trainer_state.json"]
              if distributed_type != "FSDP" else
-             ["COMPLETE", "optimizer.bin", "pytorch_model_fsdp.bin", "trainer_state.json"])
+             ["COMPLETE", "log_history.jsonl", "optimizer.bin", "pytorch_model_fsdp.bin", "trainer_state.json"])
     assert sorted(os.listdir(out / "checkpoints" / "step_8")) == files
     return res
 

@@ -1,5 +1,5 @@
 """Faults injected for real: SIGKILL during training, during evaluation and while a checkpoint is
-being written; then the same command with --resume_from_checkpoint latest must end exactly where an
+being written; then the same command with --resume_from_checkpoint auto must end exactly where an
 uninterrupted run ends (CPU fp32, same seed)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conftest import ROOT
 
 ARGS = ["--num_train_epochs", "2", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
         "--logging_steps", "1", "--checkpointing_steps", "4", "--eval_steps", "7", "--mixed_precision", "no",
-        "--resume_from_checkpoint", "latest"]
+        "--resume_from_checkpoint", "auto"]
 
 
 def argv(tiny_model, files, out):
@@ -30,7 +30,7 @@ def argv(tiny_model, files, out):
 @pytest.fixture(scope="module")
 def reference(tiny_model, sentiment_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
-    res = train_cls.main(argv(tiny_model, sentiment_files, out))  # 'latest' with no checkpoint: fresh start
+    res = train_cls.main(argv(tiny_model, sentiment_files, out))  # 'auto' with no checkpoint: fresh start
     return res, load_file(out / "model.safetensors")
 
 
