@@ -149,8 +149,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     except Preempted as stop:
         logger.warning("preempted: checkpoint saved to %s; rerun with --resume_from_checkpoint latest", stop)
         raise SystemExit(EXIT_PREEMPTED) from None
-    ctx.timings["session_train_seconds"] = time.perf_counter() - t_train
-    logger.info("training: done in %s (%s)", progress.duration(ctx.timings["session_train_seconds"]),
+    train_call = time.perf_counter() - t_train  # the whole train() call: the checkpoint load included
+    logger.info("training: done in %s (%s)", progress.duration(train_call),
                 steps_done(trainer.state.global_step, checked.state.global_step if checked else None,
                            trainer.state.train_seconds))
     restored = trainer.restore_best()
@@ -176,8 +176,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     accelerator.wait_for_everyone()
     t_end = time.perf_counter()
     initial = ctx.timings.get("initial_eval_seconds", 0.0)
-    parts = {"load": t_train - t0 - initial, "train": ctx.timings["session_train_seconds"],
-             "eval": initial + eval_seconds + (t_eval - t_train - ctx.timings["session_train_seconds"]),
+    parts = {"load": t_train - t0 - initial, "train": train_call,
+             "eval": initial + eval_seconds + (t_eval - t_train - train_call),
              "save": t_upload - t_eval - eval_seconds, "upload": t_end - t_upload if ctx.hub_repo else 0.0}
     if accelerator.is_main_process:
         logger.info("\n".join(last_lines(results, trainer.metric, args.output_dir, key_files(args.output_dir), parts)))
@@ -296,7 +296,8 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
     }
     # train_seconds and the speeds cover every session of a resumed run; session_train_seconds and
     # total_seconds only this process's (so a resumed run's training time may exceed its total).
-    timing = {**ctx.timings, "train_seconds": st.train_seconds, "train_steps_seconds": t_steps,
+    timing = {**ctx.timings, "train_seconds": st.train_seconds, "session_train_seconds": trainer.session_train_seconds,
+              "train_steps_seconds": t_steps,
               "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
               "first_step_seconds": trainer.first_step_seconds, "final_eval_seconds": eval_seconds,
               "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}

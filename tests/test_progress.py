@@ -84,14 +84,12 @@ def test_log_lines_go_above_a_text_bar_not_into_its_line(monkeypatch, capsys):
 
     monkeypatch.setattr(progress, "_mode", "bar")
     handler = logging.StreamHandler(sys.stderr)  # what setup_logging installs
-    logging.getLogger().addHandler(handler)
-    try:
-        with progress.bar(2, "train") as bar:
-            bar.update(1)
-            progress.logger.warning("a log line")
-            bar.update(1)
-    finally:
-        logging.getLogger().removeHandler(handler)
+    # only this handler: an earlier test's run may have left one on a stream that pytest has closed since
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    with progress.bar(2, "train") as bar:
+        bar.update(1)
+        progress.logger.warning("a log line")
+        bar.update(1)
     err = capsys.readouterr().err
     line = next(line for line in err.split("\n") if "a log line" in line)
     assert line.split("\r")[-1] == "a log line", repr(line)
