@@ -432,4 +432,5 @@ def test_ner_and_mlm_no_train_two_processes_equal_one(tiny_model, tmp_path):
     assert [b.split()[0] for b in one.read_text().strip().split("\n\n")] == [w[0] for w, _ in sentences]
     ppl = [json.loads((runs["train_mlm.py", n] / "results.json").read_text())["eval"] for n in (1, 2)]
     assert ppl[1]["masked_tokens"] == ppl[0]["masked_tokens"]
-    assert ppl[1]["perplexity"] == pytest.approx(ppl[0]["perplexity"], rel=1e-5)
+    # the same rows and masks; fp32 sums over other padded batch shapes differ in the last digits (2e-5 seen on AVX-512)
+    assert ppl[1]["perplexity"] == pytest.approx(ppl[0]["perplexity"], rel=1e-4)
