@@ -412,9 +412,26 @@ class Trainer:
             self.log_fn(record)
             nums = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.accelerator.log(nums, step=self.state.global_step)
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                             if not isinstance(v, (list, dict)))
-            logger.info(shown)
+            logger.info(self._log_line(record))
+
+    def _log_line(self, record: dict) -> str:
+        """One short line per record: the step, then the loss and speed (training) or the metric that picks the
+        best model and the loss (evaluation). Every value is in log_history.jsonl and the trackers."""
+        def fmt(value) -> str:
+            return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+        head = f"step {record['step']}/{self.training.total_steps} (epoch {record['epoch']:.2f})"
+        if any(k.startswith("eval_") for k in record):
+            kind = "starting weights" if record.get("initial") else "eval"
+            shown = [f"{name} {fmt(record['eval_' + name])}" for name in dict.fromkeys((self.metric, "loss"))
+                     if "eval_" + name in record]
+            return f"{kind} at {head}: " + ", ".join(shown) + (" (best so far)" if record.get("is_best") else "")
+        parts = [f"loss {fmt(record.get('loss'))}", f"lr {record.get('learning_rate', 0):.3g}"]
+        if record.get("grad_norm") is not None:
+            parts.append(f"grad norm {record['grad_norm']:.3g}")
+        if record.get("samples_per_second"):
+            parts.append(f"{record['samples_per_second']:.1f} samples/s")
+        return f"{head}: " + ", ".join(parts)
 
     def _epoch_float(self) -> float:
         per_epoch = max(1, self.training.batches_per_epoch * self.accelerator.num_processes)

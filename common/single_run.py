@@ -176,9 +176,14 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     accelerator.wait_for_everyone()
     t_end = time.perf_counter()
     initial = ctx.timings.get("initial_eval_seconds", 0.0)
-    parts = {"load": t_train - t0 - initial, "train": train_call,
-             "eval": initial + eval_seconds + (t_eval - t_train - train_call),
-             "save": t_upload - t_eval - eval_seconds, "upload": t_end - t_upload if ctx.hub_repo else 0.0}
+    # this session's evaluations and checkpoints inside the loop (the trainer state counts earlier sessions too)
+    before = trainer.resumed.state if trainer.resumed else None
+    loop_eval = trainer.state.eval_seconds - (before.eval_seconds if before else 0.0)
+    loop_ckpt = trainer.state.checkpoint_seconds - (before.checkpoint_seconds if before else 0.0)
+    parts = {"load": t_train - t0 - initial, "train": train_call - loop_eval - loop_ckpt,
+             "eval": initial + loop_eval + eval_seconds + (t_eval - t_train - train_call),
+             "checkpoints": loop_ckpt, "save": t_upload - t_eval - eval_seconds,
+             "upload": t_end - t_upload if ctx.hub_repo else 0.0}
     if accelerator.is_main_process:
         logger.info("\n".join(last_lines(results, trainer.metric, args.output_dir, key_files(args.output_dir), parts)))
     return results

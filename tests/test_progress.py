@@ -162,7 +162,7 @@ def test_a_run_logged_to_a_file_shows_its_phases_progress_and_last_lines(tiny_mo
     time_line = next(line for line in block if line.startswith("time "))
     total, parts = re.fullmatch(r"time   total ([\d.]+) s = (.*) \(this session\)", time_line).groups()
     names = [p.split()[0] for p in parts.split(" + ")]  # parts under 0.05 s are left out (a fast machine's eval)
-    assert names == [n for n in ("load", "train", "eval", "save") if n in names]
+    assert names == [n for n in ("load", "train", "eval", "checkpoints", "save") if n in names]
     assert {"load", "train", "save"} <= set(names)
     assert sum(float(p.split()[1]) for p in parts.split(" + ")) == pytest.approx(float(total), abs=0.25)
     assert f"output {out}: model.safetensors, results.json, predictions_eval.csv, predictions_test.csv, " \
