@@ -71,20 +71,24 @@ class ExportArguments:
         "help": "Progress display of the parity check, the int8 search and the benchmark: auto (a bar on terminals "
                 "and in notebooks, log lines in a file; env BERT_FINETUNE_PROGRESS), bar, lines or none."})
     benchmark: bool = field(default=False, metadata={
-        "help": "Measure PyTorch fp32, PyTorch bf16 autocast, ONNX Runtime fp32 and int8 on --data: metric, "
-                "latency at batch 1, throughput, file size, peak RSS (one fresh process each)."})
+        "help": "Measure PyTorch fp32, bf16 autocast, ONNX Runtime fp32 and int8 on --data (a fresh process "
+                "each): batch-1 latency, rows/s in arrival and sorted order, metric, size, peak RSS."})
     backends: list[str] = field(default_factory=lambda: list(inf.BACKENDS), metadata={
         "help": f"Backends to benchmark (default: all of {', '.join(inf.BACKENDS)}).", "choices": list(inf.BACKENDS)})
     threads: Optional[int] = field(default=None, metadata={
         "help": "Threads of every backend (default: the CPUs this process may use)."})
-    batch_size: int = field(default=32, metadata={"help": "Batch size of the throughput measurement."})
+    batch_size: int = field(default=32, metadata={
+        "help": "Batch size of the throughput passes (each batch padded to its own longest row)."})
+    passes: int = field(default=1, metadata={
+        "help": "Timed passes of each order per process, after a warm-up pass; the fastest is kept."})
     repeats: int = field(default=1, metadata={
-        "help": "Run the backends in turn this many times and keep each one's fastest measurements (for shared "
-                "or noisy machines)."})
-    latency_samples: int = field(default=200, metadata={"help": "Examples timed one at a time (file order)."})
+        "help": "Run the backends in turn this many times (fresh processes) and keep each one's fastest "
+                "measurements (for shared or noisy machines)."})
+    latency_samples: int = field(default=200, metadata={
+        "help": "Rows timed alone, unpadded (the file's first N)."})
     max_seconds: float = field(default=120.0, metadata={
-        "help": "Time limit of each timed phase of a backend; a slower backend is measured on part of the file "
-                "(its metric is then not reported)."})
+        "help": "Time limit of each timed part of a backend (batch-1 rows, each pass); a slower backend is "
+                "measured on part of the file (its metric is then not reported)."})
     max_length: Optional[int] = field(default=None, metadata={
         "help": "Tokens per example for --data (default: the model's training --max_length, else 128)."})
     text_column: Optional[str] = field(default=None, metadata={"help": "Classification --data: the text column "
@@ -99,7 +103,8 @@ class ExportArguments:
             raise UserError(f"--atol must be between 0 and 1, got {self.atol}.")
         if not 0 <= self.int8_min_agreement <= 1:
             raise UserError(f"--int8_min_agreement must be a fraction in [0, 1], got {self.int8_min_agreement}.")
-        for name in ("parity_samples", "batch_size", "repeats", "latency_samples", "threads", "max_length"):
+        for name in ("parity_samples", "batch_size", "passes", "repeats", "latency_samples", "threads",
+                     "max_length"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if self.opset is not None and not 18 <= self.opset <= 23:
@@ -339,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                     "examples": len(data)}]
             print(json.dumps(report["benchmark"][0]), flush=True)
             report["benchmark"] += inf.benchmark(data, files, a.model, threads, a.batch_size, a.latency_samples,
-                                                 a.max_seconds, os.path.join(tmp, ".bench"), a.repeats,
+                                                 a.max_seconds, os.path.join(tmp, ".bench"), a.repeats, a.passes,
                                                  log=lambda r: print(json.dumps(r), flush=True))
             print(json.dumps(report["benchmark"][-1]), flush=True)
             shutil.rmtree(os.path.join(tmp, ".bench"))

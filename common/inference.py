@@ -5,7 +5,9 @@ export.py uses it for the parity batches, the int8 agreement and `--benchmark`. 
 backend runs in a fresh process (`python -m common.inference SPEC.json`), so its peak RSS is its
 own and an ONNX Runtime process never imports torch: the worker reads the tokenized examples from a
 file, writes its outputs to another, and prints one JSON line with its timings. Tokenization is done
-once, before any backend runs, and is not part of the timed calls.
+once, before any backend runs, and is not part of the timed calls. Each worker times the rows one at a
+time (batch-1 latency, each row at its own length) and at the batch size in both ORDERS (arrival: file
+order; sorted: by length), so every backend is measured on the same batches with the same settings.
 """
 from __future__ import annotations
 
@@ -157,6 +159,25 @@ def batch_order(data: EvalSet, size: int, by_length: bool = True) -> list[np.nda
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+# The two batch orders --benchmark times. arrival: rows in file order, as a server or a user scoring a
+# file meets them, each batch padded to its own longest row; sorted: rows sorted by length first, the
+# least padding a batcher can reach. Padding costs every backend, but not alike (int8 quantizes the
+# activations of padded positions too), so a speed-up measured in one order need not hold in the other.
+ORDERS = {"arrival": False, "sorted": True}   # order -> batch_order's by_length
+# The speed-ups the summary reports: (backend, over backend).
+RATIOS = (("onnxruntime_int8", "onnxruntime_fp32"), ("onnxruntime_int8", "pytorch_fp32"),
+          ("onnxruntime_fp32", "pytorch_fp32"), ("pytorch_bf16", "pytorch_fp32"), ("onnxruntime_int8", "pytorch_bf16"))
+
+
+def padding(data: EvalSet, batches: list) -> dict:
+    """Real tokens, tokens after padding each batch to its longest row, and the share of padding."""
+    lengths = data.lengths()
+    real = int(sum(int(lengths[idx].sum()) for idx in batches))
+    padded = int(sum(len(idx) * int(lengths[idx].max()) for idx in batches if len(idx)))
+    return {"real_tokens": real, "padded_tokens": padded,
+            "padding_fraction": round(1 - real / padded, 4) if padded else 0.0}
+
+
 class Outputs:
     """What the metric needs from each batch's logits, per example (so any batch order gives the same result)."""
 
@@ -279,7 +300,7 @@ def fast_bf16() -> bool:
 
 
 def load_backend(spec: dict):
-    """(callable batch -> logits, facts) for one backend."""
+    """(callable batch -> logits, facts) for one backend; the facts say how it was set up (threads, options)."""
     backend, threads = spec["backend"], spec["threads"]
     if backend.startswith("pytorch"):
         import torch
@@ -288,22 +309,98 @@ def load_backend(spec: dict):
 
         torch.set_num_threads(threads)
         model = load_model(spec["source"], spec["head"])
-        facts = {"fast_bf16": fast_bf16()} if backend == "pytorch_bf16" else {}
+        facts = {"torch_threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()}}
         if backend == "pytorch_bf16":
             def run(batch):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return run_torch(model, batch, spec["names"])
-            return run, facts
+            return run, {**facts, "fast_bf16": fast_bf16()}
         return (lambda batch: run_torch(model, batch, spec["names"])), facts
     from .onnx_export import ort_session, run_ort
 
     session = ort_session(spec["model"], threads)
-    return (lambda batch: run_ort(session, batch)), {}
+    return (lambda batch: run_ort(session, batch)), {"session_options": session_options(session)}
+
+
+def session_options(session) -> dict:
+    """The options an ONNX Runtime session runs with, read back from the session (not from what was asked)."""
+    opts = session.get_session_options()
+    found = {"intra_op_num_threads": opts.intra_op_num_threads, "inter_op_num_threads": opts.inter_op_num_threads,
+             "execution_mode": str(opts.execution_mode).split(".")[-1],
+             "graph_optimization_level": str(opts.graph_optimization_level).split(".")[-1],
+             "enable_cpu_mem_arena": opts.enable_cpu_mem_arena, "enable_mem_pattern": opts.enable_mem_pattern,
+             "providers": session.get_providers()}
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        try:  # set only when asked for; absent means ONNX Runtime's default
+            found[key] = opts.get_session_config_entry(key)
+        except Exception:
+            pass
+    return found
+
+
+def time_latency(run, data: EvalSet, samples: int, budget: float) -> dict:
+    """Each of the first `samples` rows alone, in file order, at its own length (a batch of one has no
+    padding): p50/p90/p99 and mean in ms, and the lengths timed. Stops after `budget` seconds."""
+    times, start = [], time.perf_counter()
+    for i in range(min(samples, len(data))):
+        batch = pad_batch(data, [i])
+        t = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() - start > budget:
+            break
+    ms, lengths = np.array(times) * 1e3, data.lengths()[:len(times)]
+    return {**{f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 90, 99)},
+            "mean": round(float(ms.mean()), 2), "samples": len(ms),
+            "tokens": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())}}
+
+
+def timed_pass(run, data: EvalSet, batches: list, budget: float, out: Optional[Outputs] = None) -> dict:
+    """One pass over `batches` (index arrays), each padded to its longest row outside the timed call (built
+    as it goes, so the process's peak memory stays the backend's): seconds inside the calls, rows and real
+    tokens done; stops after `budget` seconds. `out` collects what the metric needs."""
+    seconds = rows = tokens = 0
+    for idx in batches:
+        batch = pad_batch(data, idx)
+        t = time.perf_counter()
+        logits = run(batch)
+        seconds += time.perf_counter() - t
+        rows, tokens = rows + len(idx), tokens + int(batch["attention_mask"].sum())
+        if out is not None:
+            out.add(idx, logits, batch)
+        if seconds > budget:
+            break
+    return {"seconds": max(seconds, 1e-9), "examples": rows, "tokens": tokens}
+
+
+def time_orders(run, data: EvalSet, batch_size: int, passes: int, budget: float) -> tuple[dict, dict]:
+    """Both ORDERS at `batch_size`: one untimed warm-up pass of each, then `passes` timed passes, the orders
+    alternating (so a change of the machine's load weighs on both); the fastest pass of each is kept.
+    Returns (order -> record, order -> Outputs of its first timed pass)."""
+    plans = {order: batch_order(data, batch_size, by_length) for order, by_length in ORDERS.items()}
+    for plan in plans.values():
+        timed_pass(run, data, plan, budget)
+    done: dict = {order: [] for order in ORDERS}
+    outputs = {order: Outputs(data) for order in ORDERS}
+    for _ in range(passes):
+        for order, plan in plans.items():
+            if done[order] and done[order][0]["examples"] < len(data):
+                continue  # the time limit cut the first pass: the next ones would be cut as well
+            done[order].append(timed_pass(run, data, plan, budget, None if done[order] else outputs[order]))
+    records = {}
+    for order, results in done.items():
+        best = max(results, key=lambda r: r["examples"] / r["seconds"])
+        records[order] = {"batch_size": batch_size, "seconds": round(best["seconds"], 3),
+                          "rows_per_second": round(best["examples"] / best["seconds"], 2),
+                          "tokens_per_second": round(best["tokens"] / best["seconds"], 1),
+                          "examples": best["examples"], **padding(data, plans[order]),
+                          "pass_seconds": [round(r["seconds"], 3) for r in results]}
+    return records, outputs
 
 
 def measure(spec: dict) -> dict:
-    """Load, warm up, then latency at batch 1 (file order) and one pass at the throughput batch size
-    (length-sorted); each phase stops after `max_seconds` (the record says how much it covered)."""
+    """Load, warm up, then the batch-1 latency over the rows' own lengths and both batch orders (time_orders);
+    each timed part stops after `max_seconds` (the record says how much it covered)."""
     t0 = time.perf_counter()
     run, facts = load_backend(spec)
     load_seconds = time.perf_counter() - t0
@@ -314,38 +411,12 @@ def measure(spec: dict) -> dict:
     budget = spec["max_seconds"]
     for i in range(min(3, len(data))):  # warm-up: first calls allocate and pick kernels
         run(pad_batch(data, [i]))
-    latencies, start = [], time.perf_counter()
-    for i in range(min(spec["latency_samples"], len(data))):
-        batch = pad_batch(data, [i])
-        t = time.perf_counter()
-        run(batch)
-        latencies.append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget:
-            break
-    out, batches = Outputs(data), batch_order(data, spec["batch_size"], spec.get("sort_by_length", True))
-    run(pad_batch(data, batches[len(batches) // 2]))  # warm-up at the batch size
-    seconds = tokens = padded = 0
-    for idx in batches:
-        batch = pad_batch(data, idx)
-        t = time.perf_counter()
-        logits = run(batch)
-        seconds += time.perf_counter() - t
-        out.add(idx, logits, batch)
-        tokens += int(batch["attention_mask"].sum())
-        padded += batch["attention_mask"].size
-        if seconds > budget:
-            break
-    out.save(spec["outputs"])
-    done = int(out.done.sum())
-    lat = np.array(latencies) * 1e3
+    latency = time_latency(run, data, spec["latency_samples"], budget)
+    orders, outputs = time_orders(run, data, spec["batch_size"], spec.get("passes", 1), budget)
+    for order, out in outputs.items():
+        out.save(spec["outputs"][order])
     return {"backend": spec["backend"], "threads": spec["threads"], "load_seconds": round(load_seconds, 2),
-            "latency_batch1_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
-                                  "p95": round(float(np.percentile(lat, 95)), 2),
-                                  "mean": round(float(lat.mean()), 2), "samples": len(lat)},
-            f"throughput_batch{spec['batch_size']}": {
-                "samples_per_second": round(done / seconds, 2), "tokens_per_second": round(tokens / seconds, 1),
-                "seconds": round(seconds, 3), "examples": done, "padding_fraction": round(1 - tokens / padded, 4)},
-            "peak_rss_mb": peak_rss_mb(), **facts}
+            "latency_batch1_ms": latency, "orders": orders, "peak_rss_mb": peak_rss_mb(), **facts}
 
 
 def peak_rss_mb() -> int:
@@ -383,8 +454,19 @@ def machine_info(threads: int) -> dict:
             versions[name] = None
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return {"cpu": model, "cpus": os.cpu_count(), "threads": threads,
-            "flags": {f: f in flags for f in wanted} if flags else "unknown",
+            "flags": {f: f in flags for f in wanted} if flags else "unknown", "int8_dot_product": int8_kernels(flags),
             "load_average_1min": round(os.getloadavg()[0], 2), "versions": versions}
+
+
+def int8_kernels(flags: set) -> str:
+    """The instructions int8 matmuls run on: what caps int8's speed-up over fp32 on this CPU."""
+    if not flags:
+        return "unknown"
+    if "amx_int8" in flags:
+        return "AMX"
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return "VNNI"
+    return "AVX2 without VNNI" if "avx2" in flags else "no AVX2"
 
 
 def run_backend(spec: dict, workdir: str) -> dict:
@@ -407,16 +489,18 @@ def run_backend(spec: dict, workdir: str) -> dict:
 
 
 def benchmark(data: EvalSet, files: dict, source: str, threads: int, batch_size: int, latency_samples: int,
-              max_seconds: float, workdir: str, repeats: int = 1, log=None) -> list[dict]:
-    """Every backend of `files` (backend -> model file; PyTorch ones -> the source folder) on `data`: its
-    metric, latency, throughput, file size and peak RSS, plus agreement with PyTorch fp32; then a summary.
-    With `repeats` > 1 the backends run in turn (A B C D A B C D ...) and each keeps its fastest run of
-    each measurement: on a shared machine the other jobs' load then weighs on every backend alike."""
+              max_seconds: float, workdir: str, repeats: int = 1, passes: int = 1, log=None) -> list[dict]:
+    """Every backend of `files` (backend -> model file; PyTorch ones -> the source folder) on `data`: one
+    record per backend and order (ORDERS) with its speed, metric and agreement with PyTorch fp32 in that
+    order, file size, peak RSS and how the backend was set up; the batch-1 latency in the arrival record;
+    then a summary (summarize). With `repeats` > 1 the backends run in turn (A B C D A B C D ...) and each
+    keeps its fastest run of each measurement: on a shared machine the other jobs' load then weighs on
+    every backend alike."""
     os.makedirs(workdir, exist_ok=True)
     features = os.path.join(workdir, "features.npz")
     save_set(data, features)
     spec = {"head": data.head, "names": data.names, "pad_id": data.pad_id, "features": features,
-            "threads": threads, "batch_size": batch_size, "latency_samples": latency_samples,
+            "threads": threads, "batch_size": batch_size, "latency_samples": latency_samples, "passes": passes,
             "max_seconds": max_seconds, "source": source}
     if data.head == "fill-mask":
         spec["mlm_labels"] = os.path.join(workdir, "mlm_labels.npz")
@@ -425,43 +509,49 @@ def benchmark(data: EvalSet, files: dict, source: str, threads: int, batch_size:
     runs: dict = {b: [] for b in files}
     for r in range(repeats):
         for i, backend in enumerate(files, 1):
-            outputs = os.path.join(workdir, f"{backend}.npz")
+            outputs = {order: os.path.join(workdir, f"{backend}.{r}.{order}.npz") for order in ORDERS}
             turn = f"{i}/{len(files)}" + (f", round {r + 1}/{repeats}" if repeats > 1 else "")
             with progress.phase(f"benchmark {backend}", f"{turn}; up to {max_seconds:g} s per timed part"):
                 runs[backend].append(run_backend({**spec, "backend": backend, "model": files[backend],
                                                   "outputs": outputs}, workdir))
-    records, reference = [], None
+    records, reference = [], {}
     for backend, model_file in files.items():
-        record = _fastest(runs[backend])
-        if "error" not in record:
-            out = Outputs.load(data, os.path.join(workdir, f"{backend}.npz"))
-            record["metric"] = compute_metric(data, out)
-            preds = out.predictions()
-            if backend == "pytorch_fp32":
-                reference = preds
-            elif reference is not None:
-                record["agreement_with_pytorch_fp32"] = agreement(reference, preds)
-            record["file_size_mb"] = round(_size_mb(model_file), 1)
-        records.append(record)
-        if log:
-            log(record)
+        for record, predictions in _order_records(backend, runs[backend], data, workdir, _size_mb(model_file)):
+            if predictions is not None and backend == "pytorch_fp32":
+                reference[record["order"]] = predictions
+            elif predictions is not None and record["order"] in reference:
+                record["agreement_with_pytorch_fp32"] = agreement(reference[record["order"]], predictions)
+            records.append(record)
+            if log:
+                log(record)
     records.append(summarize(records, data.metric))
     return records
 
 
-def _fastest(runs: list) -> dict:
-    """One record from repeated runs: the lowest p50 latency (with its p95) and the highest throughput."""
-    ok = [r for r in runs if "error" not in r]
+def _order_records(backend: str, runs: list, data: EvalSet, workdir: str, size_mb: float) -> list[tuple]:
+    """(record, predictions) per order for one backend, from its runs (one per round): the round with the
+    highest rows/s of each order, the lowest batch-1 p50 and the highest peak RSS; or (its error record,
+    None) when no run worked."""
+    ok = [(r, run) for r, run in enumerate(runs) if "error" not in run]
     if not ok:
-        return runs[-1]
-    key = next(k for k in ok[0] if k.startswith("throughput_batch"))
-    record = dict(max(ok, key=lambda r: r[key]["samples_per_second"]))
-    record["latency_batch1_ms"] = min(ok, key=lambda r: r["latency_batch1_ms"]["p50"])["latency_batch1_ms"]
-    record["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
-    if len(runs) > 1:
-        record["repeats"] = [{"p50_ms": r["latency_batch1_ms"]["p50"], "samples_per_second":
-                              r[key]["samples_per_second"]} for r in ok]
-    return record
+        return [(runs[-1], None)]
+    latency = min((run["latency_batch1_ms"] for _, run in ok), key=lambda x: x["p50"])
+    records = []
+    for order in ORDERS:
+        r, best = max(ok, key=lambda x: x[1]["orders"][order]["rows_per_second"])
+        out = Outputs.load(data, os.path.join(workdir, f"{backend}.{r}.{order}.npz"))
+        record = {"backend": backend, "order": order, **best["orders"][order], "metric": compute_metric(data, out)}
+        if order == "arrival":  # rows one at a time, in file order: how a row arrives at a server
+            record["latency_batch1_ms"] = latency
+        record.update({"file_size_mb": round(size_mb, 2), "peak_rss_mb": max(run["peak_rss_mb"] for _, run in ok),
+                       "load_seconds": best["load_seconds"], "threads": best["threads"]})
+        record.update({k: best[k] for k in ("session_options", "torch_threads", "fast_bf16") if k in best})
+        if len(runs) > 1:
+            record["repeats"] = [{"rows_per_second": run["orders"][order]["rows_per_second"],
+                                  **({"p50_ms": run["latency_batch1_ms"]["p50"]} if order == "arrival" else {})}
+                                 for _, run in ok]
+        records.append((record, out.predictions()))
+    return records
 
 
 def agreement(reference: dict, other: dict) -> float:
@@ -482,26 +572,32 @@ def _size_mb(path: str) -> float:
 
 
 def summarize(records: list, metric: str) -> dict:
-    """Ratios of each backend to PyTorch fp32: throughput, p50 latency (fp32 / this), file size, metric change."""
-    ok = {r["backend"]: r for r in records if "error" not in r}
-    base = ok.get("pytorch_fp32")
-    summary = {"summary": "ratios to pytorch_fp32", "metric": metric}
-    if not base:
-        return summary
-    key = next(k for k in base if k.startswith("throughput_batch"))
-    for name, r in ok.items():
-        if name == "pytorch_fp32":
+    """Per order: its padding, the speed-ups at the batch size ("a / b": a's rows/s over b's) and each backend's
+    metric change from PyTorch fp32 in that order; then the batch-1 p50 speed-ups (b's p50 over a's) and each
+    file's size as a fraction of PyTorch fp32's."""
+    ok = {(r["backend"], r["order"]): r for r in records if "order" in r}
+    summary: dict = {"summary": "speed-ups (a / b: above 1, a is faster) and changes from pytorch_fp32",
+                     "metric": metric}
+    for order in ORDERS:
+        rows = {b: r for (b, o), r in ok.items() if o == order}
+        if not rows:
             continue
-        row = {"throughput_x": round(r[key]["samples_per_second"] / base[key]["samples_per_second"], 2),
-               "latency_p50_x": round(base["latency_batch1_ms"]["p50"] / r["latency_batch1_ms"]["p50"], 2),
-               "file_size_fraction": (round(r["file_size_mb"] / base["file_size_mb"], 3)
-                                      if base.get("file_size_mb") else None)}
-        if r["metric"].get("complete") and base["metric"].get("complete"):
-            row[f"{metric}_change"] = round(r["metric"][metric] - base["metric"][metric], 5)
-        summary[name] = row
-    if "onnxruntime_int8" in ok and "pytorch_bf16" in ok:
-        summary["onnxruntime_int8_over_pytorch_bf16_throughput"] = round(
-            ok["onnxruntime_int8"][key]["samples_per_second"] / ok["pytorch_bf16"][key]["samples_per_second"], 2)
+        first = next(iter(rows.values()))
+        part = {"batch_size": first["batch_size"], "padding_fraction": first["padding_fraction"],
+                "throughput_x": {f"{a} / {b}": round(rows[a]["rows_per_second"] / rows[b]["rows_per_second"], 2)
+                                 for a, b in RATIOS if a in rows and b in rows}}
+        base = rows.get("pytorch_fp32")
+        if base and base["metric"].get("complete"):
+            part[f"{metric}_change"] = {b: round(r["metric"][metric] - base["metric"][metric], 5)
+                                        for b, r in rows.items() if b != "pytorch_fp32" and r["metric"].get("complete")}
+        summary[order] = part
+    p50 = {b: r["latency_batch1_ms"]["p50"] for (b, _), r in ok.items() if "latency_batch1_ms" in r}
+    summary["batch1_latency_p50_x"] = {f"{a} / {b}": round(p50[b] / p50[a], 2) for a, b in RATIOS
+                                       if a in p50 and b in p50}
+    sizes = {b: r["file_size_mb"] for (b, _), r in ok.items()}
+    if sizes.get("pytorch_fp32"):
+        summary["file_size_fraction"] = {b: round(s / sizes["pytorch_fp32"], 3) for b, s in sizes.items()
+                                         if b != "pytorch_fp32"}
     return summary
 
 

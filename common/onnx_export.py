@@ -363,20 +363,7 @@ def model_card(source: str, head: str, report: dict) -> str:
             fix = i8["measured_fix"]
             lines.append(f"Agreement was poor; keeping {', '.join(fix['keep_fp32'])} in fp32 measured "
                          f"{100 * fix['agreement']:.2f}% at {fix['size_mb']:.1f} MB (`--int8_keep_fp32`).")
-    bench = [r for r in report.get("benchmark", []) if "backend" in r and "error" not in r]
-    if bench:
-        key = next(k for k in bench[0] if k.startswith("throughput_batch"))
-        lines += ["", f"## Benchmark (`{report['benchmark'][0]['data']}`, {report['benchmark'][0]['machine']['cpu']}, "
-                  f"{report['benchmark'][0]['machine']['threads']} threads)", "",
-                  f"| backend | metric | p50 / p95 ms, batch 1 | samples/s, batch {key[16:]} | MB | peak RSS MB |",
-                  "|---|---|---|---|---|---|"]
-        for r in bench:
-            metric = r["metric"]
-            value = (f"{metric[next(iter(k for k in metric if k not in ('complete', 'examples')))]:.4f}"
-                     if metric.get("complete") else f"not measured ({metric['examples']} examples in the time limit)")
-            lines.append(f"| {r['backend']} | {value} | {r['latency_batch1_ms']['p50']:.1f} / "
-                         f"{r['latency_batch1_ms']['p95']:.1f} | {r[key]['samples_per_second']:.1f} | "
-                         f"{r['file_size_mb']:.1f} | {r['peak_rss_mb']} |")
+    lines += _benchmark_table(report.get("benchmark", []))
     first, last = USAGE[head]
     model_file = INT8_FILE if INT8_FILE in report["files"] else FP32_FILE
     lines += ["", "## Use", "", "```python", "import json", "import onnxruntime as ort",
@@ -388,3 +375,51 @@ def model_card(source: str, head: str, report: dict) -> str:
               "logits = session.run(['logits'], {i.name: enc[i.name] for i in session.get_inputs()})[0]",
               last, "```", ""]
     return "\n".join(lines)
+
+
+def _benchmark_table(records: list) -> list[str]:
+    """The card's benchmark section: per backend, batch-1 latency and rows/s in both batch orders, then the
+    padding of each order and int8's speed-ups (the records and summary of inference.benchmark)."""
+    ok = [r for r in records if "order" in r]
+    if not ok:
+        return []
+    machine, summary = records[0], next((r for r in records if "summary" in r), {})
+    rows = {(r["backend"], r["order"]): r for r in ok}
+    size = ok[0]["batch_size"]
+    lines = ["", f"## Benchmark (`{machine['data']}`, {machine['machine']['cpu']}, int8 dot products: "
+             f"{machine['machine'].get('int8_dot_product', 'unknown')}, {machine['machine']['threads']} threads)", "",
+             "Arrival: rows in file order, each batch padded to its own longest row (what a server or a scored file "
+             "meets); sorted: rows sorted by length first (least padding).", "",
+             f"| backend | {summary.get('metric', 'metric')} | p50 / p90 / p99 ms, batch 1 | rows/s, batch {size}, "
+             f"arrival | rows/s, batch {size}, sorted | MB | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+
+    def metric(r):
+        m, name = r["metric"], summary.get("metric")
+        if not m.get("complete"):
+            return f"not measured ({m['examples']} examples in the time limit)"
+        return f"{m[name if name in m else next(k for k in m if k not in ('complete', 'examples'))]:.4f}"
+
+    for backend in dict.fromkeys(b for b, _ in rows):
+        arrival, ordered = rows.get((backend, "arrival")), rows.get((backend, "sorted"))
+        shown = metric(arrival) if arrival else "-"
+        if arrival and ordered and metric(ordered) != shown:
+            shown += f" (sorted: {metric(ordered)})"
+        lat = arrival["latency_batch1_ms"] if arrival else None
+        first = arrival or ordered
+        lines.append(f"| {backend} | {shown} | "
+                     + (f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f}" if lat else "-") + " | "
+                     + " | ".join(f"{rows[backend, o]['rows_per_second']:.1f}" if (backend, o) in rows else "-"
+                                  for o in ("arrival", "sorted"))
+                     + f" | {first['file_size_mb']:.1f} | {first['peak_rss_mb']} |")
+    padding = [f"{o} {100 * summary[o]['padding_fraction']:.1f}%" for o in ("arrival", "sorted") if o in summary]
+    lines.append("")
+    if padding:
+        lines.append(f"- Padding (share of the batches' tokens): {', '.join(padding)}.")
+    for pair in ("onnxruntime_int8 / onnxruntime_fp32", "onnxruntime_int8 / pytorch_fp32"):
+        found = [f"{o} {summary[o]['throughput_x'][pair]:.2f}x" for o in ("arrival", "sorted")
+                 if pair in summary.get(o, {}).get("throughput_x", {})]
+        if found:
+            latency = summary.get("batch1_latency_p50_x", {}).get(pair)
+            lines.append(f"- {pair.replace(' / ', ' over ')}: {', '.join(found)}"
+                         + (f", batch-1 p50 {latency:.2f}x." if latency else "."))
+    return lines

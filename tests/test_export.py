@@ -1,5 +1,6 @@
 """export.py on tiny models: each head exported with parity checked and int8, the refusal path, the exported
-folder used with onnxruntime alone (as the README shows), the benchmark's JSON lines, and bad input."""
+folder used with onnxruntime alone (as the README shows), the benchmark's JSON lines (its parts are unit-tested
+in test_benchmark_orders.py), and bad input."""
 from __future__ import annotations
 
 import json
@@ -237,34 +238,53 @@ def test_poor_int8_agreement_is_reported_with_a_measured_fix(cls_model, tmp_path
                      "--int8_keep_fp32", "layer.9"])
 
 
-def test_benchmark_prints_json_lines_for_every_backend(exported, sentiment_files, tmp_path, capsys):
+def test_benchmark_prints_json_lines_for_every_backend_and_order(exported, sentiment_files, tmp_path, capsys):
     model_dir = exported["text-classification"][0]
     out = tmp_path / "bench"
     report = export.main(["--model", model_dir, "--output_dir", str(out), "--quantize", "int8", "--benchmark",
                           "--data", sentiment_files["dev"], "--latency_samples", "5", "--batch_size", "8",
-                          "--threads", "1"])
+                          "--threads", "1", "--passes", "2"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines[0]["machine"]["threads"] == 1 and "avx2" in json.dumps(lines[0]["machine"])
-    records = {r["backend"]: r for r in lines if "backend" in r}
-    assert set(records) == {"pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int8"}
-    for r in records.values():
+    assert lines[0]["machine"]["int8_dot_product"] in ("AVX2 without VNNI", "VNNI", "AMX")
+    records = {(r["backend"], r["order"]): r for r in lines if "backend" in r}
+    backends = ("pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int8")
+    assert set(records) == {(b, o) for b in backends for o in ("arrival", "sorted")}
+    for (backend, order), r in records.items():
         assert "error" not in r, r
         assert r["threads"] == 1 and r["metric"]["complete"] and r["metric"]["examples"] == 61
-        assert r["latency_batch1_ms"]["samples"] == 5 and r["latency_batch1_ms"]["p95"] >= r["latency_batch1_ms"]["p50"]
-        assert r["throughput_batch8"]["examples"] == 61 and r["peak_rss_mb"] > 0 and r["file_size_mb"] > 0
-    fp32 = records["pytorch_fp32"]["metric"]["accuracy"]
-    assert records["onnxruntime_fp32"]["metric"]["accuracy"] == fp32
-    assert records["onnxruntime_fp32"]["agreement_with_pytorch_fp32"] == 1.0
-    assert "fast_bf16" in records["pytorch_bf16"]
+        assert r["examples"] == 61 and r["batch_size"] == 8 and len(r["pass_seconds"]) == 2
+        assert r["peak_rss_mb"] > 0 and r["file_size_mb"] > 0
+        assert ("latency_batch1_ms" in r) == (order == "arrival")
+    for backend in backends:
+        lat = records[backend, "arrival"]["latency_batch1_ms"]
+        assert lat["samples"] == 5 and lat["p50"] <= lat["p90"] <= lat["p99"]
+        # the same batches for every backend; arrival pads more than sorted
+        assert records[backend, "arrival"]["padded_tokens"] == records["pytorch_fp32", "arrival"]["padded_tokens"]
+        assert records[backend, "arrival"]["padding_fraction"] > records[backend, "sorted"]["padding_fraction"]
+    for order in ("arrival", "sorted"):
+        fp32 = records["pytorch_fp32", order]["metric"]["accuracy"]
+        assert records["onnxruntime_fp32", order]["metric"]["accuracy"] == fp32
+        assert records["onnxruntime_fp32", order]["agreement_with_pytorch_fp32"] == 1.0
+    # the fp32 and int8 graphs run with the same session options, recorded
+    options = records["onnxruntime_fp32", "arrival"]["session_options"]
+    assert records["onnxruntime_int8", "sorted"]["session_options"] == options and options["intra_op_num_threads"] == 1
+    assert records["pytorch_fp32", "arrival"]["torch_threads"]["intra_op"] == 1
+    assert "fast_bf16" in records["pytorch_bf16", "sorted"]
     # each backend's own peak memory (an onnxruntime process never imports torch)
-    assert records["onnxruntime_int8"]["peak_rss_mb"] < records["pytorch_fp32"]["peak_rss_mb"]
+    assert records["onnxruntime_int8", "arrival"]["peak_rss_mb"] < records["pytorch_fp32", "arrival"]["peak_rss_mb"]
     summary = lines[-1]
-    assert summary["summary"] and set(summary["onnxruntime_int8"]) >= {"throughput_x", "latency_p50_x",
-                                                                        "file_size_fraction", "accuracy_change"}
+    for order in ("arrival", "sorted"):
+        assert set(summary[order]["throughput_x"]) >= {"onnxruntime_int8 / onnxruntime_fp32",
+                                                       "onnxruntime_int8 / pytorch_fp32"}
+        assert "onnxruntime_int8" in summary[order]["accuracy_change"]
+    assert "onnxruntime_int8 / pytorch_fp32" in summary["batch1_latency_p50_x"]
+    assert summary["file_size_fraction"]["onnxruntime_int8"] < 1
     with open(out / "benchmark.jsonl") as fh:
         assert len(fh.readlines()) == len(lines)
     assert report["benchmark"][-1] == summary
-    assert "## Benchmark" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Benchmark" in card and "rows/s, batch 8, arrival | rows/s, batch 8, sorted" in card
 
 
 def test_benchmark_measures_ner_f1_like_training(tmp_path, exported):
@@ -272,11 +292,14 @@ def test_benchmark_measures_ner_f1_like_training(tmp_path, exported):
     model_dir = exported["token-classification"][0]
     report = export.main(["--model", model_dir, "--output_dir", str(tmp_path / "o"), "--benchmark", "--data", CONLL,
                           "--backends", "pytorch_fp32", "onnxruntime_fp32", "--latency_samples", "3", "--repeats", "2"])
-    records = [r for r in report["benchmark"] if "backend" in r]
-    assert [r["metric"]["f1"] for r in records][0] == records[1]["metric"]["f1"]
-    assert all(len(r["repeats"]) == 2 for r in records)  # run in turn, the fastest of each kept
-    assert records[1]["latency_batch1_ms"]["p50"] == min(x["p50_ms"] for x in records[1]["repeats"])
-    assert "f1_change" in report["benchmark"][-1]["onnxruntime_fp32"]
+    records = {(r["backend"], r["order"]): r for r in report["benchmark"] if "backend" in r}
+    for order in ("arrival", "sorted"):
+        assert records["pytorch_fp32", order]["metric"]["f1"] == records["onnxruntime_fp32", order]["metric"]["f1"]
+        assert "f1_change" in report["benchmark"][-1][order]
+    assert all(len(r["repeats"]) == 2 for r in records.values())  # run in turn, the fastest of each kept
+    ort = records["onnxruntime_fp32", "arrival"]
+    assert ort["latency_batch1_ms"]["p50"] == min(x["p50_ms"] for x in ort["repeats"])
+    assert ort["rows_per_second"] == max(x["rows_per_second"] for x in ort["repeats"])
 
 
 def test_bad_input_is_one_sentence(tiny_model, cls_model, tmp_path, monkeypatch):
