@@ -108,8 +108,13 @@ def export_fp32(model, names: list[str], path: str, opset: int | None) -> dict:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {n: {0: batch, 1: seq} for n in names}
     kwargs = {"opset_version": opset} if opset else {}
+    import logging
     import warnings
 
+    # "torchvision is not installed. Skipping torchvision::nms": four lines about ops a BERT never uses
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "axis name batch will not be used": the names are set below
         try:
@@ -120,6 +125,8 @@ def export_fp32(model, names: list[str], path: str, opset: int | None) -> dict:
             first = " ".join(str(err).split())[:300]
             raise UserError(f"torch.onnx.export(dynamo=True) failed for this model ({type(err).__name__}: {first}); "
                             "try another --opset or report the model type.") from None
+        finally:
+            registration.setLevel(level)
     program.save(path)
     _name_axes(path, names)
     return {"exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
