@@ -169,9 +169,10 @@ class MlmTask(Task):
         static = ctx.accelerator.distributed_type == "XLA" or args.torch_compile
         if static and not a.full_decoder:
             logger.info("decoder on every position (XLA/--torch_compile need static shapes)")
+        graph = not isinstance(built.model, torch.nn.Module)  # an ONNX graph (onnx_predict.py): every position's logits
         return MlmObjective(built.model, sorted(set(tok.all_special_ids)), tok.mask_token_id, len(tok),
-                            a.mlm_probability, a.whole_word_mask, a.full_decoder or static, built.state.tied,
-                            a.line_by_line)
+                            a.mlm_probability, a.whole_word_mask, a.full_decoder or static or graph,
+                            built.state is not None and built.state.tied, a.line_by_line)
 
     def extra_results(self, ctx, data, built, results: dict, trainer) -> dict:
         before = trainer.state.initial_eval.get("perplexity")

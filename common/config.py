@@ -53,6 +53,9 @@ class ModelArguments:
         "Attention kernel: sdpa, eager, flash_attention_2 (where installed) or flex_attention (default: the "
         "model's, sdpa for BERT).", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"],
         group="speed"))
+    onnx_model: Literal["auto", "int8", "fp32"] = field(default="auto", metadata=_help(
+        "When --model is a folder export.py wrote (scored by ONNX Runtime): the graph that runs; auto: "
+        "model_int8.onnx if there, else model.onnx."))
 
 
 @dataclass

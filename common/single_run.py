@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from . import distill, hub, plots, progress, reporting, validate
+from . import distill, hub, onnx_predict, plots, progress, reporting, validate
 from .build import build_training, check_fsdp_model, eval_batch_size, eval_loader
 from .collate import PadCollator, length_sorted, pad_multiple
 from .config import parse_layers, to_jsonable
@@ -41,6 +41,8 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     from accelerate.utils import set_seed
 
     args = ctx.args
+    # An ONNX folder of export.py is scored by ONNX Runtime; what it cannot do is refused before any loading.
+    onnx = onnx_predict.check(task, ctx)
     # First, before any loading: `latest` without a checkpoint is refused; what is resumed decides what is logged.
     ctx.resume_from = resume_point(args) if args.do_train else None
     set_seed(args.seed)
@@ -73,13 +75,14 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
         data.test = data.test.select(range(min(cap, len(data.test)))) if data.test is not None else None
     set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
     with progress.phase(f"loading the model {ctx.model_args.model}"):  # a download, when not cached yet
-        built = task.build_model(ctx, data)
+        built = onnx_predict.load(ctx, onnx) if onnx else task.build_model(ctx, data)
     new = [k for k in built.new_weights if not k.endswith("position_ids")]
     if new and args.do_train and ctx.resume_from is None:  # resuming: every weight comes from the checkpoint
         logger.info("newly initialised weights (trained from scratch here): %s", ", ".join(new))
     if args.init_student_layers:  # a smaller student: a subset of --model's layers (DistilBERT-style)
         keep_layers(built.model, parse_layers(args.init_student_layers, "--init_student_layers"), ctx.model_args.model)
-    check_fsdp_model(built.model, ctx.accelerator)
+    if onnx is None:
+        check_fsdp_model(built.model, ctx.accelerator)
     ctx.timings["tokenizer_and_model_seconds"] = time.perf_counter() - t0 - ctx.timings["load_and_tokenize_seconds"]
     multiple = pad_multiple(args, ctx.accelerator)
     static = ctx.accelerator.distributed_type == "XLA" or args.pad_to_max_length
@@ -203,8 +206,9 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
     acc.wait_for_everyone()
     if acc.is_main_process:
         reporting.save_resolved_config(args.output_dir, to_jsonable(ctx.model_args, ctx.data_args, args))
-    model = acc.prepare(inputs.built.model)
-    batch_size = eval_batch_size(args, acc.device)
+    ort = isinstance(inputs.built.model, onnx_predict.OnnxModel)  # ONNX Runtime, one process (onnx_predict.py)
+    model = inputs.built.model if ort else acc.prepare(inputs.built.model)
+    batch_size = eval_batch_size(args, torch.device("cpu") if ort else acc.device)  # ONNX Runtime runs on the CPU
     results: dict = {}
     t_start = time.perf_counter()
     for split, dataset in (("eval", data.eval), ("test", data.test)):
@@ -212,18 +216,22 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
             continue
         started = time.perf_counter()
         if "labels" in dataset.column_names:  # evaluated as after training: length-sorted, all outputs kept
-            loader = acc.prepare(eval_loader(length_sorted(dataset), batch_size, inputs.collator, args))
             with progress.phase(f"evaluating on {split}", f"{len(dataset):,} examples"):
-                outcome = evaluate(model, inputs.objective, loader, acc, split)
+                outcome = (onnx_predict.evaluate(model, inputs.objective, dataset, batch_size, inputs.collator, args,
+                                                 split) if ort else
+                           evaluate(model, inputs.objective, acc.prepare(eval_loader(
+                               length_sorted(dataset), batch_size, inputs.collator, args)), acc, split))
             results[split] = outcome.metrics | {"num_examples": outcome.num_examples}
             if acc.is_main_process:
                 write_predictions(task, ctx, data, split, outcome.outputs)
         else:  # predicted in file order, each gathered batch written as it comes
             writer = task.prediction_writer(ctx, data, split) if acc.is_main_process else None
-            loader = acc.prepare(eval_loader(dataset, batch_size, inputs.collator, args))
             try:
                 with progress.phase(f"predicting {split}", f"{len(dataset):,} rows, no labels"):
-                    rows = stream_predictions(model, inputs.objective, loader, acc, writer)
+                    rows = (onnx_predict.stream_predictions(model, inputs.objective, dataset, batch_size,
+                                                            inputs.collator, args, writer) if ort else
+                            stream_predictions(model, inputs.objective, acc.prepare(eval_loader(
+                                dataset, batch_size, inputs.collator, args)), acc, writer))
             except BaseException:
                 if writer is not None:
                     writer.abort()
@@ -234,7 +242,8 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
         seconds = time.perf_counter() - started
         results[split]["predictions_per_second"] = results[split]["num_examples"] / seconds if seconds > 0 else None
     timing = {**ctx.timings, "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-    results.update(timing=timing, data=data.info, model={"base_model": ctx.model_args.model, "trained_here": False},
+    results.update(timing=timing, data=data.info, model={"base_model": ctx.model_args.model, "trained_here": False,
+                                                         **({"onnx": model.info} if ort else {})},
                    setup=setup_info(ctx.runtime) | {"eval_batch_size": batch_size,
                                                     "pad_to_multiple_of": inputs.pad_multiple})
     t_save = time.perf_counter()

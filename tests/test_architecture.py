@@ -71,6 +71,9 @@ def test_common_has_no_import_cycle():
     assert "loop" not in graph["task"] and "single_run" not in graph["loop"]
     # a trained model's data settings, reused by launch and export.py: reading only, no engine
     assert graph["run_settings"] <= {"data", "errors", "files", "reporting"}
+    # --no_do_train on an export.py folder: beside the loop, under single_run; nothing but single_run imports it
+    assert graph["onnx_predict"] <= {"build", "evaluation", "onnx_export", "task", "errors", "log", "progress"}
+    assert [m for m, deps in graph.items() if "onnx_predict" in deps] == ["single_run"]
 
 
 def test_the_cycle_finder_finds_a_cycle():
