@@ -159,7 +159,7 @@ def load(ctx: Context, choice: OnnxChoice) -> BuiltModel:
 
     threads = torch.get_num_threads()
     try:
-        session = ort_session(choice.path, threads)
+        session = ort_session(choice.path, threads, spinning=False)  # torch's loss and metrics run in between
     except Exception as err:  # a truncated or foreign file
         first = " ".join(str(err).split())[:200]
         raise UserError(f"--model '{choice.folder}': {choice.file} could not be loaded by ONNX Runtime ({first}); "
@@ -180,7 +180,7 @@ def load(ctx: Context, choice: OnnxChoice) -> BuiltModel:
                         f"has {config.num_labels} labels ({labels}); they do not belong together: export the PyTorch "
                         "folder again with export.py.")
     info = {"file": choice.file, "precision": choice.precision, "runtime": f"onnxruntime {onnxruntime.__version__}",
-            "provider": "CPUExecutionProvider", "threads": threads, **exported(choice)}
+            "provider": "CPUExecutionProvider", "threads": threads, "spinning": False, **exported(choice)}
     logger.info("ONNX Runtime %s runs %s (%s; %s), on the CPU with %d thread%s, batches sorted by length",
                 onnxruntime.__version__, choice.file, choice.precision, export_figures(info), threads,
                 "" if threads == 1 else "s")

@@ -133,3 +133,29 @@ def test_help_lists_every_setting(script, capsys):
     text = capsys.readouterr().out
     for flag in ("--learning_rate", "--train_file", "--validation_split", "--optim", "--[no_]fast_dropout", "--seeds"):
         assert flag in text, flag
+
+
+@pytest.mark.parametrize("num_labels", [2, 3, 5])
+def test_classification_metrics_equal_scikit_learns(num_labels):
+    """The NumPy metrics give scikit-learn's numbers, unseen gold labels and absent classes included."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef, precision_recall_fscore_support
+
+    from common.metrics import classification_metrics
+
+    rng = np.random.default_rng(num_labels)
+    for trial in range(20):
+        n = int(rng.integers(1, 60))
+        labels = rng.integers(0, num_labels + (trial % 3 == 0), n)  # sometimes a label the model cannot predict
+        preds = rng.integers(0, max(1, num_labels - (trial % 4 == 1)), n)  # sometimes a class never predicted
+        got = classification_metrics(labels, preds, num_labels)
+        ids = list(range(num_labels))
+        want = {"accuracy": accuracy_score(labels, preds), "mcc": matthews_corrcoef(labels, preds),
+                "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist()}
+        for avg in ("macro", "weighted"):
+            p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ids, average=avg, zero_division=0)
+            want |= {f"precision_{avg}": p, f"recall_{avg}": r, f"f1_{avg}": f}
+        if num_labels == 2:
+            p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=[1], average="micro", zero_division=0)
+            want |= {"precision": p, "recall": r, "f1": f}
+        for key, value in want.items():
+            assert got[key] == (value if key == "confusion_matrix" else pytest.approx(value, abs=1e-12)), (key, trial)
