@@ -135,6 +135,7 @@ def test_help_lists_every_setting(script, capsys):
         assert flag in text, flag
 
 
+@pytest.mark.filterwarnings("ignore:A single label was found")  # scikit-learn's, on a one-class draw
 @pytest.mark.parametrize("num_labels", [2, 3, 5])
 def test_classification_metrics_equal_scikit_learns(num_labels):
     """The NumPy metrics give scikit-learn's numbers, unseen gold labels and absent classes included."""
