@@ -29,15 +29,15 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from common import inference as inf
-from common import onnx_export as ox
 from common import progress
 from common.config import parse_args
 from common.errors import UserError, run_cli
 from common.files import honour_umask_tree
 from common.log import logger, setup_logging
-from common.reporting import write_json, write_text_atomic
-from common.run_settings import table_reading, training_settings
+from common.runs.reporting import write_json, write_text_atomic
+from common.runs.run_settings import table_reading, training_settings
+from common.shipping import inference as inf
+from common.shipping import onnx_export as ox
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -154,8 +154,8 @@ def read_data(a: ExportArguments, head: str, tok, names: list, config, settings:
                                  settings.get("eval_mask_seed", 0))
     import pandas as pd
 
-    from common.data import read_table
-    from common.labels import resolve_columns
+    from common.data.labels import resolve_columns
+    from common.data.loading import read_table
 
     # the training run's reading settings (a headerless table's names, a non-UTF-8 encoding) apply to --data too
     df = read_table(a.data, "--data", *table_reading(settings, a.data, "--data"))
@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers import AutoConfig, AutoTokenizer
 
-    from common.models import byte_level
+    from common.training.models import byte_level
 
     config = AutoConfig.from_pretrained(a.model)
     head = ox.head_of(config, a.model)

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataSourceArguments
-from common.data import read_hub_splits, read_table, source_name, tokenize_split, tokenizer_fingerprint
-from common.errors import UserError, run_cli
-from common.labels import (
+from common.data.labels import (
     describe_columns,
     forgotten_pair,
     labels_from_model,
@@ -28,13 +26,15 @@ from common.labels import (
     resolve_columns,
     resolve_labels,
 )
-from common.launch import launch
+from common.data.loading import read_hub_splits, read_table, source_name, tokenize_split, tokenizer_fingerprint
+from common.data.splits import data_block, plan_rows, says_all, split_origins
+from common.errors import UserError, run_cli
 from common.log import logger
-from common.metrics import classification_metrics, classification_names, regression_metrics
-from common.models import load_pretrained
-from common.predictions import CsvPredictions
-from common.splits import data_block, plan_rows, says_all, split_origins
+from common.runs.launch import launch
+from common.runs.predictions import CsvPredictions
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
+from common.training.metrics import classification_metrics, classification_names, regression_metrics
+from common.training.models import load_pretrained
 
 
 @dataclass

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import mlm
 from common.config import DataSourceArguments
-from common.data import flat_values, source_name, tokenize_split, tokenizer_fingerprint
+from common.data import mlm
+from common.data.loading import flat_values, source_name, tokenize_split, tokenizer_fingerprint
+from common.data.splits import data_block, plan_rows, split_origins
 from common.errors import UserError, run_cli
-from common.launch import launch
 from common.log import logger
-from common.metrics import MLM_METRICS
-from common.models import load_pretrained
-from common.splits import data_block, plan_rows, split_origins
+from common.runs.launch import launch
 from common.task import BuiltModel, Context, Objective, PreparedData, Task
+from common.training.metrics import MLM_METRICS
+from common.training.models import load_pretrained
 
 TEXT_COLUMNS = ("text", "sentence", "content", "body", "document")
 

@@ -18,17 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import ner
 from common.config import DataSourceArguments
-from common.data import flat_values, source_name, tokenize_split, tokenizer_fingerprint
+from common.data import ner
+from common.data.loading import flat_values, source_name, tokenize_split, tokenizer_fingerprint
+from common.data.splits import data_block, plan_rows, split_origins
 from common.errors import UserError, run_cli
-from common.launch import launch
 from common.log import logger
-from common.metrics import NER_METRICS, ner_metrics
-from common.models import byte_level, freeze, load_pretrained, load_tokenizer
-from common.predictions import ConllPredictions
-from common.splits import data_block, plan_rows, split_origins
+from common.runs.launch import launch
+from common.runs.predictions import ConllPredictions
 from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
+from common.training.metrics import NER_METRICS, ner_metrics
+from common.training.models import byte_level, freeze, load_pretrained, load_tokenizer
 
 
 @dataclass

@@ -28,8 +28,8 @@ def read_set(folder: str, data: str, max_length: int | None):
     from transformers import AutoConfig, AutoTokenizer
 
     import export
-    from common import onnx_export as ox
-    from common.run_settings import training_settings
+    from common.runs.run_settings import training_settings
+    from common.shipping import onnx_export as ox
 
     config = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -43,7 +43,7 @@ def profile(path: str, threads: int, data, batches: list, names: list) -> dict:
     """Wall seconds of one pass and operator-type totals from ONNX Runtime's profiler."""
     import onnxruntime as ort
 
-    from common import inference as inf
+    from common.shipping import inference as inf
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--max_length", type=int, default=None)
     p.add_argument("--graphs", nargs="+", default=["model.onnx", "model_int8.onnx"])
     a = p.parse_args(argv)
-    from common import inference as inf
+    from common.shipping import inference as inf
 
     data, names = read_set(a.model, a.data, a.max_length)
     results = {}

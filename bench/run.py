@@ -241,12 +241,12 @@ def micro(task: str, model: str, flags: list[str], steps: int, shape: dict, peak
     sys.path.insert(0, ROOT)
     script, _, preset = PRESETS[task]
     module = importlib.import_module(script[:-3])
-    from common.build import build_optimizer, install_fast_dropout
-    from common.collate import LengthGroupedSampler, SeededRandomSampler
     from common.config import ModelArguments, TrainArguments, parse_args
-    from common.runtime import make_runtime, reset_accelerate_state
-    from common.single_run import prepare_run
+    from common.data.collate import LengthGroupedSampler, SeededRandomSampler
+    from common.runs.single_run import prepare_run
     from common.task import Context
+    from common.training.build import build_optimizer, install_fast_dropout
+    from common.training.runtime import make_runtime, reset_accelerate_state
 
     with tempfile.TemporaryDirectory() as out:
         # The run's own set-up (tokenizer, data, model, objective, collator): what the script trains on.

@@ -87,7 +87,7 @@ class DataSourceArguments:
     # The canonical public task of the script, trained when no data flag at all is given: (Hub id, config).
     default_dataset: ClassVar[Optional[tuple[str, Optional[str]]]] = None
     # What describes the data files' shape, taken from a trained model's training_args.yaml when a run does not
-    # train (common/run_settings.py): (settings reused together, the files they apply to). Scripts add theirs.
+    # train (common/runs/run_settings.py): (settings reused together, the files they apply to). Scripts add theirs.
     reused_settings: ClassVar[tuple] = ((("encoding",), "encoding"), (("max_length",), "any"),
                                         (("delimiter",), "same extension"), (("column_names",), "headerless"))
 
@@ -259,7 +259,7 @@ class TrainArguments:
         "Each seed draws its own derived validation/test split.", group="repeats"))
     kfold: int = field(default=0, metadata=_help(
         "Cross-validation folds on the training file (default: 0, none).", group="repeats", metavar="K"))
-    # Distillation (common/distill.py, docs/distillation.md)
+    # Distillation (common/training/distill.py, docs/distillation.md)
     teacher_model: Optional[str] = field(default=None, metadata=_help(
         "A fine-tuned teacher (output folder or Hub id) with the student's labels and vocabulary.",
         group="distillation", metavar="ID|DIR"))

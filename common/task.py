@@ -123,7 +123,7 @@ class Objective:
     def compute_metrics(self, outputs: dict) -> dict:
         raise NotImplementedError
 
-    # Distillation (common/distill.py wraps the objective of a run with a teacher)
+    # Distillation (common/training/distill.py wraps the objective of a run with a teacher)
     supports_distillation: bool = False
 
     def distill_mask(self, batch: dict) -> torch.Tensor:

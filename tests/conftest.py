@@ -67,7 +67,7 @@ def tiny_model(tmp_path_factory) -> str:
 def preempt_at_step(monkeypatch, step: int):
     """Send this process SIGTERM right after the loop logs the training loss of optimizer step `step`; returns the
     original Trainer.record, to put back before resuming."""
-    from common import loop
+    from common.training import loop
 
     original = loop.Trainer.record
 

@@ -12,8 +12,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import checkpoint, loop  # noqa: E402
 from common.errors import run_cli  # noqa: E402
+from common.training import checkpoint, loop  # noqa: E402
 
 POINT, STEP, MARKER = os.environ["FAULT_POINT"], int(os.environ["FAULT_STEP"]), os.environ["FAULT_MARKER"]
 RUN = os.environ.get("FAULT_RUN")

@@ -1,4 +1,4 @@
-"""The project's shape, checked: layers in common/ import one way (no cycle, lazy imports included),
+"""The project's shape, checked: common's folders (layers) import one way (no cycle, lazy imports included),
 the training loop stays short and shallow, the scripts stay small, and the one private accelerate
 call the loop relies on still does what we use it for."""
 from __future__ import annotations
@@ -9,28 +9,58 @@ import os
 from conftest import ROOT
 
 COMMON = os.path.join(ROOT, "common")
+# common/'s folders, top to bottom (docs/architecture.md, "Layers"): a module imports from its own folder and the
+# folders below it; the leaves at common/ itself ("") import only each other.
+LAYERS = {"runs": 4, "shipping": 3, "training": 2, "data": 1, "": 0}
+
+
+def module_files() -> dict[str, str]:
+    """Dotted module name under common/ ("training.loop", "config") -> its file, in common/ and its folders."""
+    found = {}
+    for folder, dirs, files in os.walk(COMMON):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        package = os.path.relpath(folder, COMMON).replace(os.sep, ".").strip(".")
+        for name in sorted(files):
+            if name.endswith(".py") and name != "__init__.py":
+                found[f"{package}.{name[:-3]}".strip(".")] = os.path.join(folder, name)
+    return found
+
+
+def imported_modules(node: ast.AST, package: list[str]) -> set[str]:
+    """The common modules one import statement in `package` (its folders under common/) names."""
+    if isinstance(node, ast.Import):
+        return {".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("common.")}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    if node.level:
+        parts = package[:len(package) + 1 - node.level] + (node.module.split(".") if node.module else [])
+    elif (node.module or "").split(".")[0] == "common":
+        parts = node.module.split(".")[1:]
+    else:
+        return set()
+    if os.path.isdir(os.path.join(COMMON, *parts)):  # `from ..data import ner`: the names are modules
+        return {".".join([*parts, alias.name]) for alias in node.names}
+    return {".".join(parts)}
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> common modules it imports (at top level or inside functions)."""
     graph = {}
-    for name in sorted(os.listdir(COMMON)):
-        if not name.endswith(".py") or name == "__init__.py":
-            continue
-        module = name[:-3]
-        tree = ast.parse(open(os.path.join(COMMON, name), encoding="utf-8").read())
-        deps = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
-                else:
-                    deps.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("common"):
-                parts = node.module.split(".")
-                deps.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+    for module, path in module_files().items():
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        package = module.split(".")[:-1]
+        deps = set().union(*(imported_modules(node, package) for node in ast.walk(tree)))
         graph[module] = deps - {module}
     return graph
+
+
+def layer(module: str) -> str:
+    return module.rpartition(".")[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, import) pairs where a module imports from a folder above its own."""
+    return sorted((m, d) for m, deps in graph.items() for d in deps if LAYERS[layer(d)] > LAYERS[layer(m)])
 
 
 def find_cycle(graph: dict[str, set[str]]):
@@ -63,22 +93,43 @@ def test_common_has_no_import_cycle():
     graph = import_graph()
     print("\n" + "\n".join(f"{m} -> {', '.join(sorted(d)) or '-'}" for m, d in graph.items()))
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    # every import names a module file, and every module sits in one of the folders of LAYERS
+    assert set().union(*graph.values()) <= set(graph), set().union(*graph.values()) - set(graph)
+    assert {layer(m) for m in graph} <= set(LAYERS), {layer(m) for m in graph} - set(LAYERS)
+    # the folders: runs -> shipping -> training -> data -> the leaves, never upwards
+    assert not upward_imports(graph), upward_imports(graph)
     # the layers named in docs/architecture.md, top to bottom
-    assert "repeats" not in graph["single_run"] and "launch" not in graph["repeats"]
+    assert "runs.repeats" not in graph["runs.single_run"] and "runs.launch" not in graph["runs.repeats"]
     assert not graph["log"] and not graph["errors"]
-    assert graph["notebook"] <= {"errors"}  # read by a notebook kernel before anything else is imported
+    assert graph["runs.notebook"] <= {"errors"}  # read by a notebook kernel before anything else is imported
     assert graph["progress"] == {"log"}  # bars and phase lines: used by the loop, data, export alike
-    assert "loop" not in graph["task"] and "single_run" not in graph["loop"]
+    assert "training.loop" not in graph["task"] and "runs.single_run" not in graph["training.loop"]
     # a trained model's data settings, reused by launch and export.py: reading only, no engine
-    assert graph["run_settings"] <= {"data", "errors", "files", "reporting"}
+    assert graph["runs.run_settings"] <= {"data.loading", "errors", "files", "runs.reporting"}
     # --no_do_train on an export.py folder: beside the loop, under single_run; nothing but single_run imports it
-    assert graph["onnx_predict"] <= {"build", "evaluation", "onnx_export", "task", "errors", "log", "progress"}
-    assert [m for m, deps in graph.items() if "onnx_predict" in deps] == ["single_run"]
+    assert graph["shipping.onnx_predict"] <= {"training.build", "training.evaluation", "shipping.onnx_export", "task",
+                                              "errors", "log", "progress"}
+    assert [m for m, deps in graph.items() if "shipping.onnx_predict" in deps] == ["runs.single_run"]
 
 
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_imports({"data.ner": {"training.models", "errors"}, "training.models": {"data.ner"},
+                           "errors": {"runs.launch"}}) == [("data.ner", "training.models"), ("errors", "runs.launch")]
+    assert upward_imports({"runs.launch": {"shipping.inference", "data.ner", "config"}}) == []
+
+
+def test_the_graph_resolves_relative_and_absolute_imports():
+    tree = ast.parse("from . import loop\nfrom .. import log, progress\nfrom ..data import ner\n"
+                     "from ..data.collate import PadCollator\nfrom common.shipping import inference\n"
+                     "from common.config import parse_args\nimport common.runs.launch\nimport os\n")
+    found = set().union(*(imported_modules(node, ["training"]) for node in tree.body))
+    assert found == {"training.loop", "log", "progress", "data.ner", "data.collate", "shipping.inference", "config",
+                     "runs.launch"}
 
 
 def _function(path: str, cls: str, name: str) -> ast.FunctionDef:
@@ -98,7 +149,7 @@ def _depth(node, level=0) -> int:
 
 
 def test_the_training_loop_reads_top_to_bottom():
-    train = _function(os.path.join(COMMON, "loop.py"), "Trainer", "train")
+    train = _function(os.path.join(COMMON, "training", "loop.py"), "Trainer", "train")
     length = train.end_lineno - train.lineno + 1
     depth = _depth(train)
     print(f"\nTrainer.train: {length} lines, nesting depth {depth}")
@@ -118,7 +169,7 @@ def test_set_sync_gradients_still_drives_accelerate():
     """The loop's one private accelerate call: if accelerate renames or changes it, this fails."""
     from accelerate import Accelerator
 
-    from common.runtime import reset_accelerate_state, set_sync_gradients
+    from common.training.runtime import reset_accelerate_state, set_sync_gradients
 
     reset_accelerate_state()
     acc = Accelerator(cpu=True, gradient_accumulation_steps=4)
@@ -144,7 +195,7 @@ def test_fsdp_on_cpu_ranks_still_takes_accelerates_fsdp2_path(monkeypatch):
     from torch import nn
     from torch.distributed.tensor import DTensor
 
-    from common.runtime import reset_accelerate_state, shutdown, use_fsdp_on_cpu_ranks
+    from common.training.runtime import reset_accelerate_state, shutdown, use_fsdp_on_cpu_ranks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

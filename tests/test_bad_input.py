@@ -2,7 +2,7 @@
 table per script -- one sentence naming the file, row, column or flag, UserError (exit 2), nothing written --
 plus the inputs that were misread or refused and now read right, the checkpoint checks (a damaged, foreign or
 tampered checkpoint is refused before anything is written; a planted pickle is never opened) and the
-validation helpers of common/validate.py."""
+validation helpers of common/data/validate.py."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ import pytest
 import train_cls
 import train_mlm
 import train_ner
-from common import validate
+from common.data import validate
 from common.errors import UserError
 from conftest import FILLER, run_script, toy_sentence
 
@@ -638,7 +638,7 @@ def test_damaged_checkpoint_is_refused_before_anything_is_written(runs, damage, 
 
 
 def test_latest_skips_a_damaged_checkpoint_and_refuses_when_none_reads(runs, tiny_model, tmp_path):
-    from common.checkpoint import resolve_resume
+    from common.training.checkpoint import resolve_resume
 
     out = _copy_run(runs, "mlm", tmp_path)
     text(out / "checkpoints" / "step_2" / "trainer_state.json", "{")
@@ -681,7 +681,7 @@ def test_other_labels_refused_for_ner(runs, tiny_model, tmp_path):
 
 def test_declared_metric_names_are_what_evaluation_reports(runs):
     """--metric_for_best_model is checked at start-up against Objective.metric_names: keep them true."""
-    from common.metrics import MLM_METRICS, NER_METRICS, classification_names
+    from common.training.metrics import MLM_METRICS, NER_METRICS, classification_names
 
     for script, names in (("cls", classification_names(False, 2)), ("ner", NER_METRICS), ("mlm", MLM_METRICS)):
         with open(runs["dir"] / script / "results.json") as fh:
@@ -689,7 +689,7 @@ def test_declared_metric_names_are_what_evaluation_reports(runs):
         assert set(names) <= reported, (script, set(names) - reported)
     import numpy as np
 
-    from common.metrics import classification_metrics, regression_metrics
+    from common.training.metrics import classification_metrics, regression_metrics
     assert set(classification_names(False, 3)) - {"loss"} == {
         k for k, v in classification_metrics(np.array([0, 1, 2]), np.array([0, 1, 1]), 3).items()
         if isinstance(v, float)}
@@ -719,7 +719,7 @@ def test_label_sanity_helpers():
     (["O", "E-PER"], "IOBES", "I-/E-PER continue an entity begun with B-PER"),
 ])
 def test_tag_sequences_checked_against_the_scheme(tags, scheme, bad):
-    from common.ner import scheme_error
+    from common.data.ner import scheme_error
 
     got = scheme_error(tags, scheme)
     assert (got is None) if bad is None else (bad in got), got

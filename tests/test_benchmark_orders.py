@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import inference as inf
+from common.shipping import inference as inf
 
 LENGTHS = [5, 9, 3, 7, 4, 12, 6, 3, 8, 10, 4]
 PAD = 0
@@ -127,7 +127,7 @@ def test_summary_gives_each_orders_speed_ups_and_metric_changes():
 
 
 def test_model_card_shows_both_orders():
-    from common import onnx_export as ox
+    from common.shipping import onnx_export as ox
 
     records = bench_records()
     report = {"export": {"exporter": "torch.onnx.export(dynamo=True)", "opset": 20}, "inputs": ["input_ids"],

@@ -125,7 +125,7 @@ def test_preempt_mid_epoch_then_resume_gives_identical_weights(tiny_model, senti
     """SIGTERM at step 20 (mid-epoch 2) saves a checkpoint and exits 75; resuming ends equal to an
     uninterrupted run: same weights (the restored best ones), same metrics, each step logged once."""
 
-    from common import loop
+    from common.training import loop
 
     common = [*LEARN, "--num_train_epochs", "2", "--checkpointing_steps", "6", "--eval_steps", "7"]
     full = tmp_path / "full"
@@ -248,7 +248,7 @@ def test_sdpa_and_eager_attention_agree(tiny_model):
     from transformers import AutoModelForSequenceClassification
 
     from common.config import ModelArguments
-    from common.models import load_pretrained
+    from common.training.models import load_pretrained
 
     torch.manual_seed(0)
     ids = torch.randint(5, 60, (3, 11))

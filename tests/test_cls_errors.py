@@ -116,7 +116,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(name, train, extra, mes
 def test_too_little_disk_is_refused_before_training(bad_files, tiny_model, tmp_path, monkeypatch):
     import shutil
 
-    from common import reporting
+    from common.runs import reporting
 
     monkeypatch.setattr(reporting.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(UserError, match="only 1 MiB free"):
@@ -180,12 +180,12 @@ def test_label_only_in_validation_gets_an_id(tiny_model, tmp_path):
 
 def test_tab_separated_txt_reads_as_tsv(tmp_path):
     """The MSR paraphrase corpus ships as tab-separated .txt with bare quotes in the text."""
-    from common import data
+    from common.data import loading
 
     path = tmp_path / "msr_test.txt"
     path.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
                     '1\t1089874\t1089925\tPCCW \'s chief said "yes\tHe said "yes" too\n'
                     "0\t3019446\t3019327\tA b c\tD e f\n", encoding="utf-8")
-    df = data.read_table(str(path), "--test_file")
+    df = loading.read_table(str(path), "--test_file")
     assert list(df.columns) == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"] and len(df) == 2
     assert df["#1 String"][0] == 'PCCW \'s chief said "yes'

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from common.config import ModelArguments, TrainArguments, parse_args
+from common.data.labels import forgotten_pair, resolve_columns
+from common.data.splits import data_block, split_origins
 from common.errors import UserError
-from common.labels import forgotten_pair, resolve_columns
-from common.plan import SplitPlan
-from common.run_settings import reuse_training_settings, table_reading
-from common.splits import data_block, split_origins
+from common.runs.plan import SplitPlan
+from common.runs.run_settings import reuse_training_settings, table_reading
 from conftest import FAST, toy_sentence, write_csv
 
 MRPC = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
@@ -116,7 +116,7 @@ def test_derived_splits_are_announced_with_fraction_stratification_seed_and_size
 
 
 def test_ner_and_mlm_readers_say_which_columns(tmp_path):
-    from common import mlm, ner
+    from common.data import mlm, ner
 
     conll = tmp_path / "train.txt"
     conll.write_text("alice B-PER\nflew O\n\nbob B-PER\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Distillation (common/distill.py) on tiny local models: the loss against a hand computation, the teacher's
+"""Distillation (common/training/distill.py) on tiny local models: the loss against a hand computation, the teacher's
 checks, the projection, students from a subset of layers, cached teacher logits, exact resume, seeds and two
 processes. The teachers are random (untrained) BERTs with the student's tokenizer: these tests check the
 mechanics, not that a teacher helps."""
@@ -18,9 +18,10 @@ from test_ner import toy_ner_sentence, write_conll
 
 import train_cls
 import train_ner
-from common import distill, loop, ner
 from common.config import TrainArguments
+from common.data import ner
 from common.errors import UserError, run_cli
+from common.training import distill, loop
 from conftest import preempt_at_step, run_script
 
 NER_LABELS = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]  # what train_ner.py finds in the toy NER data

@@ -1,4 +1,4 @@
-"""common/dropout.py: the fast CPU dropout keeps the statistics of dropout, is seeded, and the attention
+"""common/training/dropout.py: the fast CPU dropout keeps the statistics of dropout, is seeded, and the attention
 path equals softmax(QK^T) with the same mask; a training run uses it and saves a clean config."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from common import dropout as FD
+from common.training import dropout as FD
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

@@ -1,5 +1,5 @@
 """FSDP, DeepSpeed, XLA and devices the launch asks for: given, or refused in one sentence before any
-file is written (common/engines.py, runtime.py), and the FSDP preparations of build.py.
+file is written (common/training/engines.py, runtime.py), and the FSDP preparations of build.py.
 
 The real 2-rank FSDP trainings are in test_distributed.py."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import train_cls
-from common import engines
-from common.build import check_fsdp_model, materialise_meta_parameters
 from common.errors import UserError
+from common.training import engines
+from common.training.build import check_fsdp_model, materialise_meta_parameters
 from conftest import ROOT
 
 ARGS = ["--max_steps", "2", "--mixed_precision", "no"]

@@ -17,8 +17,8 @@ pytest.importorskip("onnxscript", reason="pip install -r requirements-export.txt
 
 import export  # noqa: E402  (after the skip: it needs nothing optional at import, but the tests do)
 from common import files  # noqa: E402
-from common import onnx_export as ox  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.shipping import onnx_export as ox  # noqa: E402
 
 CONLL = os.path.join(FIXTURES, "ner_conll.txt")
 
@@ -148,7 +148,7 @@ def test_exported_classifier_predicts_the_pytorch_labels(exported, sentiment_fil
 def test_exported_token_and_fill_mask_models_match_pytorch(exported):
     import torch
 
-    from common.onnx_export import auto_class
+    from common.shipping.onnx_export import auto_class
 
     for head in ("token-classification", "fill-mask"):
         model_dir, folder, _ = exported[head]

@@ -52,7 +52,7 @@ def kill_at(point, step, tiny_model, files, out, tmp_path):
 
 
 def latest_step(out):
-    from common.checkpoint import list_checkpoints
+    from common.training.checkpoint import list_checkpoints
 
     return list_checkpoints(str(out / "checkpoints"))[-1][0]
 
@@ -138,7 +138,7 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_check
         tiny_model, sentiment_files, tmp_path, monkeypatch):
     import errno
 
-    from common import checkpoint
+    from common.training import checkpoint
 
     original = checkpoint.write_state
 

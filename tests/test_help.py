@@ -12,9 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from common import config, reporting
+from common import config
 from common.config import HELP_GROUPS, ModelArguments, TrainArguments, parse_args
 from common.errors import UserError
+from common.runs import reporting
 from conftest import ROOT
 
 SCRIPTS = ["train_cls", "train_ner", "train_mlm", "export"]

@@ -192,7 +192,7 @@ def test_headerless_tsv_is_detected_and_read_with_column_names(tiny_model, senti
 @pytest.mark.parametrize("header,why", [(["a", "a.1"], "repeats"), (["img001.jpg", "x"], "file name"),
                                         (["this movie was a very good one indeed", "x"], "sentence")])
 def test_header_heuristics(header, why):
-    from common.data import header_looks_like_data
+    from common.data.loading import header_looks_like_data
 
     assert why in header_looks_like_data(header)
     assert header_looks_like_data(["#1 String", "Quality", "Unnamed: 0", "title"]) is None

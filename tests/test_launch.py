@@ -14,8 +14,9 @@ import sys
 import pytest
 
 import train_cls
-from common import checkpoint, reporting, runtime
 from common.errors import UserError
+from common.runs import reporting
+from common.training import checkpoint, runtime
 from conftest import ROOT
 
 # What accelerate's single-process launcher sets for `--cpu --num_processes 2` (read from a child it started).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import mlm
+from common.data import mlm
 from conftest import FAST, FILLER, FIXTURES, SPLIT_WORDS, run_script, write_csv
 
 

@@ -1,4 +1,4 @@
-"""train_ner.py and common/ner.py: every input format, bad rows, labels, sub-word alignment, long
+"""train_ner.py and common/data/ner.py: every input format, bad rows, labels, sub-word alignment, long
 sentences, metrics, exact token-loss normalisation through the real engine, outputs and the
 token-classification pipeline, freezing, byte-level BPE, and a real 2-process run."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import train_ner
-from common import ner
+from common.data import ner
 from common.errors import UserError
-from common.metrics import ner_metrics
+from common.training.metrics import ner_metrics
 from conftest import FILLER, FIXTURES, SHARED_ASSETS, minilm_path, run_script
 
 # Word -> entity type; 'carol' is only ever a surname (I-PER after alice/bob), 'rewriting' an ORG that
@@ -351,11 +351,11 @@ def _engine_gradients(tiny_model, dataset, num_labels, tmp_path, batch, accum, g
     """One optimizer step of the real Engine; returns the gradients the optimizer was handed."""
     from transformers import AutoModelForTokenClassification
 
-    from common.build import build_training
-    from common.collate import PadCollator
     from common.config import TrainArguments
-    from common.loop import Trainer
-    from common.runtime import make_runtime, reset_accelerate_state
+    from common.data.collate import PadCollator
+    from common.training.build import build_training
+    from common.training.loop import Trainer
+    from common.training.runtime import make_runtime, reset_accelerate_state
 
     reset_accelerate_state()
     args = TrainArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
@@ -395,7 +395,7 @@ def test_accumulation_4x2_equals_one_batch_of_8_on_uneven_sentences(tiny_model, 
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
 
     # The reference: the summed token loss of all 8 sentences over their labelled tokens, by hand ...
-    from common.collate import PadCollator
+    from common.data.collate import PadCollator
 
     batch = PadCollator(0)([ds[i] for i in range(8)])
     torch.manual_seed(0)
@@ -423,7 +423,7 @@ def test_length_grouped_steps_weigh_every_token_alike(tiny_model, tokenizer, tmp
     epoch's mean labelled tokens per step, not by its own count (which overweights short-sentence steps)."""
     from transformers import AutoModelForTokenClassification
 
-    from common.collate import LengthGroupedSampler, PadCollator
+    from common.data.collate import LengthGroupedSampler, PadCollator
 
     ds, labels, enc = _uneven_dataset(tokenizer, 7)
     labelled = sum(sum(1 for t in row if t != -100) for row in enc["labels"])

@@ -1,5 +1,5 @@
 """The Colab/Kaggle notebook (examples/colab_quickstart.ipynb): it is valid, its cells compile, cell 1 finds
-or clones the project, and the launch gets its processes and precision from the device (common/notebook.py),
+or clones the project, and the launch gets its processes and precision from the device (common/runs/notebook.py),
 passed to notebook_launcher and to the script. No GPU, TPU or network needed: the device is faked."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from common import notebook
 from common.errors import UserError
-from common.notebook import launch_settings, parse_nvidia_smi, tpu_cores
+from common.runs import notebook
+from common.runs.notebook import launch_settings, parse_nvidia_smi, tpu_cores
 from conftest import ROOT
 
 NOTEBOOK = os.path.join(ROOT, "examples", "colab_quickstart.ipynb")
@@ -124,7 +124,7 @@ def test_tpu_cores():
 
 
 def _fake_smi(monkeypatch, answers):
-    """subprocess.run inside common.notebook answers from `answers` (an exception, or (code, out, err))."""
+    """subprocess.run inside common.runs.notebook answers from `answers` (an exception, or (code, out, err))."""
     asked = []
 
     def run(command, **kwargs):
@@ -175,7 +175,7 @@ def test_parse_nvidia_smi_skips_what_is_not_a_row():
 
 def test_the_helper_leaves_torch_alone_when_nvidia_smi_answers():
     """The kernel must reach notebook_launcher with CUDA uninitialised: the helper imports no torch at all."""
-    code = ("import sys; from common.notebook import launch_settings; "
+    code = ("import sys; from common.runs.notebook import launch_settings; "
             "s = launch_settings(env={}, smi_output='0, GPU-a, Tesla T4, 7.5'); print(s.mixed_precision, "
             "'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -186,7 +186,7 @@ def test_the_helper_leaves_torch_alone_when_nvidia_smi_answers():
                                                   ((9, 0), "bf16")])
 def test_auto_precision_on_cuda_wants_native_bf16(monkeypatch, capability, expected):
     """torch.cuda.is_bf16_supported() is True on a T4 (emulation): `auto` must still choose fp16 there."""
-    from common.runtime import resolve_precision
+    from common.training.runtime import resolve_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(torch.version, "hip", None)

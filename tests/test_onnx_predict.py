@@ -21,8 +21,8 @@ import export  # noqa: E402
 import train_cls  # noqa: E402
 import train_mlm  # noqa: E402
 import train_ner  # noqa: E402
-from common import onnx_predict  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.shipping import onnx_predict  # noqa: E402
 
 KIND = {w: k for k, words in (("LOC", ENTITY[:3]), ("PER", ENTITY[3:6]), ("ORG", ENTITY[6:])) for w in words}
 NO_TRAIN = ["--no_do_train", "--per_device_eval_batch_size", "4", "--mixed_precision", "no"]

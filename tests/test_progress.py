@@ -10,9 +10,10 @@ import re
 import pytest
 
 import train_cls
-from common import plots, progress
-from common.repeats import job_last_lines
-from common.single_run import key_files, last_lines
+from common import progress
+from common.runs import plots
+from common.runs.repeats import job_last_lines
+from common.runs.single_run import key_files, last_lines
 from conftest import FAST
 
 

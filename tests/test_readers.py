@@ -13,11 +13,13 @@ from types import SimpleNamespace
 import pytest
 
 import train_cls
-from common import files, ner, reporting
-from common.data import read_table
+from common import files
+from common.data import ner
+from common.data.loading import read_table
+from common.data.validate import label_value, text_values
 from common.errors import UserError
+from common.runs import reporting
 from common.task import PredictionWriter
-from common.validate import label_value, text_values
 
 # One word per row, as Kaggle's GMB ner_dataset.csv: its 0x85 is an ellipsis in Windows-1252.
 GMB = (b"Sentence #,Word,POS,Tag\nSentence: 1,Thousands,NNS,O\n,of,IN,O\n,Paris,NNP,B-geo\n"

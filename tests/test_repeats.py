@@ -65,7 +65,7 @@ def test_kfold_is_deterministic_per_seed():
 
 def test_plan_names_and_split_seeds():
     from common.config import TrainArguments
-    from common.plan import PlannedRun, plan_runs
+    from common.runs.plan import PlannedRun, plan_runs
 
     assert plan_runs(TrainArguments(seed=7)) == [PlannedRun("", 7, None)]  # a single run: a plan of one
     runs = plan_runs(TrainArguments(seeds=[1, 2], kfold=2, resplit_per_seed=False))

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import train_cls
-from common import data
-from common.build import build_optimizer
-from common.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
 from common.config import TrainArguments
+from common.data import loading
+from common.data.collate import LengthGroupedSampler, PadCollator, SeededRandomSampler
+from common.training.build import build_optimizer
 from conftest import FAST, ROOT, toy_sentence
 
 
@@ -68,12 +68,12 @@ def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
 
 def test_stratified_split_is_seeded_and_keeps_proportions():
     labels = [0] * 70 + [1] * 20 + [2] * 10
-    keep, take = data.split_indices(100, 0.2, seed=5, stratify=labels)
+    keep, take = loading.split_indices(100, 0.2, seed=5, stratify=labels)
     assert len(take) == 20 and sorted(np.concatenate([keep, take]).tolist()) == list(range(100))
     assert Counter(labels[i] for i in take) == {0: 14, 1: 4, 2: 2}
-    again, _ = data.split_indices(100, 0.2, seed=5, stratify=labels)
+    again, _ = loading.split_indices(100, 0.2, seed=5, stratify=labels)
     assert keep.tolist() == again.tolist()
-    assert data.split_indices(100, 0.2, seed=6, stratify=labels)[1].tolist() != take.tolist()
+    assert loading.split_indices(100, 0.2, seed=6, stratify=labels)[1].tolist() != take.tolist()
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
@@ -114,7 +114,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_model, sentiment_files, tmp_path):
 def test_importing_the_scripts_does_not_initialise_cuda():
     """notebook_launcher needs a CUDA-free parent process. A fresh interpreter: earlier tests in this one
     may have trained on a GPU."""
-    code = ("import torch, train_cls, train_ner, train_mlm, common.launch; "
+    code = ("import torch, train_cls, train_ner, train_mlm, common.runs.launch; "
             "print(torch.cuda.is_initialized())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -141,7 +141,7 @@ def test_classification_metrics_equal_scikit_learns(num_labels):
     """The NumPy metrics give scikit-learn's numbers, unseen gold labels and absent classes included."""
     from sklearn.metrics import accuracy_score, confusion_matrix, matthews_corrcoef, precision_recall_fscore_support
 
-    from common.metrics import classification_metrics
+    from common.training.metrics import classification_metrics
 
     rng = np.random.default_rng(num_labels)
     for trial in range(20):

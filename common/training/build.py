@@ -12,9 +12,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from .collate import LengthGroupedSampler, SeededRandomSampler
-from .config import TrainArguments
-from .errors import UserError
+from ..config import TrainArguments
+from ..data.collate import LengthGroupedSampler, SeededRandomSampler
+from ..errors import UserError
 
 # Devices where auto picks fused AdamW (PyTorch has it for CUDA, XPU, MPS and, since 2.4, CPU). On the
 # 2-core CPU here the fused step of a MiniLM-sized model takes 14 ms against 63 ms for foreach.
@@ -32,7 +32,7 @@ class Training:
     train_examples: int
     eval_batch_size: int
     optimizer_implementation: str
-    fast_dropout: Optional[dict]  # what common/dropout.py replaced (None if not used)
+    fast_dropout: Optional[dict]  # what common/training/dropout.py replaced (None if not used)
     batches_per_epoch: int        # micro-batches per epoch on this process
     steps_per_epoch: int          # optimizer steps per epoch
     total_steps: int
@@ -159,7 +159,7 @@ def fsdp_summary(model, accelerator) -> Optional[dict]:
 
 
 def install_fast_dropout(model, args: TrainArguments, device: torch.device) -> Optional[dict]:
-    """common/dropout.py's masks on CPU (not under torch.compile, whose own RNG is fast); None if not used."""
+    """common/training/dropout.py's masks on CPU (not under torch.compile, whose own RNG is fast); None if not used."""
     if not (args.fast_dropout and device.type == "cpu" and not args.torch_compile):
         return None
     from . import dropout

@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import TrainArguments
+from ..errors import UserError
+from ..log import logger
 from . import engines
-from .config import TrainArguments
-from .errors import UserError
-from .log import logger
 
 
 @dataclass

@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 SMI_FIELDS = "index,uuid,name,compute_cap"
 # Variables that mean a TPU runtime: notebook_launcher's own TPU test reads the first two.

@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 CPU_SHARDING = "accelerate_configs/fsdp.yaml"   # sharding that runs on CPU ranks
 CPU_DDP = "accelerate_configs/multi_gpu.yaml"   # plain DDP, CPU ranks over gloo without GPUs

@@ -20,9 +20,9 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from . import hub, progress
-from .errors import UserError, closest, fmt_columns
-from .files import check_file, file_extension, first_line, local_file, read_text  # noqa: F401 (re-exported)
+from .. import hub, progress
+from ..errors import UserError, closest, fmt_columns
+from ..files import check_file, file_extension, first_line, local_file, read_text  # noqa: F401 (re-exported)
 from .validate import is_missing  # noqa: F401 (re-exported)
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .log import logger
+from ..log import logger
 
 
 def _plt():
@@ -156,7 +156,7 @@ def confusion_matrix(matrix, labels: Sequence[str], path: str, title: str) -> Op
 
 def metric_spread(per_run: dict, metrics: Sequence[str], path: str, title: str) -> Optional[str]:
     """One panel per metric: a box plot of the runs with every run as a point, and the mean ± 95% CI."""
-    from .stats import summarize
+    from ..stats import summarize
 
     metrics = [m for m in metrics if any(r.get(m) is not None for r in per_run.values())]
     if not metrics:

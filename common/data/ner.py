@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .data import is_missing, read_hub_splits, read_table
-from .errors import UserError, closest, fmt_columns
-from .files import c1_only, check_file, file_extension, first_line, read_text
-from .log import logger
+from ..errors import UserError, closest, fmt_columns
+from ..files import c1_only, check_file, file_extension, first_line, read_text
+from ..log import logger
+from .loading import is_missing, read_hub_splits, read_table
 from .validate import check_variants, is_number, kind_of
 
 # One token per line, whitespace-separated columns, blank line between sentences.

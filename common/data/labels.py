@@ -5,7 +5,7 @@ looks like a forgotten second text (refused, or a warning). Labels: parsed from 
 label seen only in validation still gets an id), numeric or text, whole numbers -> classes, fractions
 -> regression (with --task_type auto, announced in the log), mapped to ids with clear errors for empty,
 NaN, single-class or unseen labels, numbers mixed with words, spellings of one label ('pos'/'Pos') and
-id-like label columns. The text columns are checked on the way (common/validate.py) and returned as
+id-like label columns. The text columns are checked on the way (common/data/validate.py) and returned as
 clean datasets."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .data import require_columns
-from .errors import UserError, fmt_columns
-from .log import logger
+from ..errors import UserError, fmt_columns
+from ..log import logger
+from .loading import require_columns
 from .validate import (
     check_label_count,
     check_label_kinds,

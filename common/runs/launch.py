@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import hub, progress, reporting, validate
-from .config import ModelArguments, TrainArguments, parse_args
-from .errors import UserError
-from .log import logger, setup_logging
+from .. import hub, progress
+from ..config import ModelArguments, TrainArguments, parse_args
+from ..data import validate
+from ..errors import UserError
+from ..log import logger, setup_logging
+from ..task import Context, Task
+from ..training.runtime import make_runtime, reset_accelerate_state, shutdown
+from . import reporting
 from .plan import check_plan, plan_runs
 from .repeats import run_all
 from .run_settings import reuse_training_settings
-from .runtime import make_runtime, reset_accelerate_state, shutdown
 from .single_run import run_single
-from .task import Context, Task
 
 
 def push_preflight(accelerator, args) -> str:

@@ -17,16 +17,16 @@ import shutil
 import time
 from typing import Any, Optional
 
+from ..config import to_jsonable
+from ..errors import UserError
+from ..log import logger
+from ..progress import duration
+from ..stats import summarize
+from ..task import Context
+from ..training.checkpoint import list_checkpoints
 from . import plots, reporting
-from .checkpoint import list_checkpoints
-from .config import to_jsonable
-from .errors import UserError
-from .log import logger
 from .plan import PlannedRun
-from .progress import duration
 from .single_run import prepare_run, run_single
-from .stats import summarize
-from .task import Context
 
 MANIFEST = "runs.json"
 SUMMARY = "summary.json"

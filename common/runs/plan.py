@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import TrainArguments
-from .errors import UserError
+from ..config import TrainArguments
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UserError
-from .files import honour_umask
-from .validate import check_output_path
+from ..data.validate import check_output_path
+from ..errors import UserError
+from ..files import honour_umask
 
 RESULTS = "results.json"
 LOG_HISTORY = "log_history.jsonl"

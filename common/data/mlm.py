@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .data import TABLE_EXTENSIONS, read_hub_splits, read_table, require_columns
-from .errors import UserError, fmt_columns
-from .files import check_file, file_extension, honour_umask, read_text
+from ..errors import UserError, fmt_columns
+from ..files import check_file, file_extension, honour_umask, read_text
+from .loading import TABLE_EXTENSIONS, read_hub_splits, read_table, require_columns
 from .validate import text_values
 
 TEXT_EXTENSIONS = (".txt", ".tokens", ".raw", ".text")

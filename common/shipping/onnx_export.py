@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # architectures[0] suffix -> head name (the pipeline task of the model)
 HEADS = {"ForSequenceClassification": "text-classification", "ForTokenClassification": "token-classification",

@@ -29,9 +29,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .errors import UserError, closest
-from .files import honour_umask_tree
-from .log import logger
+from ..errors import UserError, closest
+from ..files import honour_umask_tree
+from ..log import logger
 
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"

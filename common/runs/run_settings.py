@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import yaml
 
-from .data import header_looks_like_data
-from .errors import UserError
-from .files import file_extension, first_line, local_file
+from ..data.loading import header_looks_like_data
+from ..errors import UserError
+from ..files import file_extension, first_line, local_file
 from .reporting import RESOLVED
 
 DATA_FILES = (("train_file", "--train_file"), ("validation_file", "--validation_file"), ("test_file", "--test_file"))

@@ -7,9 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-from .data import split_indices
-from .errors import UserError
-from .stats import kfold_indices
+from ..errors import UserError
+from ..stats import kfold_indices
+from .loading import split_indices
 
 EVAL_FILE_FLAGS = {"validation": "--validation_file", "test": "--test_file"}
 

@@ -28,13 +28,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import progress
-from .build import eval_loader
-from .errors import UserError
-from .evaluation import EvalResult, concat
-from .log import logger
+from .. import progress
+from ..errors import UserError
+from ..log import logger
+from ..task import BuiltModel, Context, Task
+from ..training.build import eval_loader
+from ..training.evaluation import EvalResult, concat
 from .onnx_export import FP32_FILE, HEADS, INT8_FILE, ort_session, run_ort
-from .task import BuiltModel, Context, Task
 
 FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
 SCRIPTS = {"text-classification": "train_cls.py", "token-classification": "train_ner.py", "fill-mask": "train_mlm.py"}

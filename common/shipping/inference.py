@@ -2,7 +2,7 @@
 and the timed measurement of one backend.
 
 export.py uses it for the parity batches, the int8 agreement and `--benchmark`. Each benchmarked
-backend runs in a fresh process (`python -m common.inference SPEC.json`), so its peak RSS is its
+backend runs in a fresh process (`python -m common.shipping.inference SPEC.json`), so its peak RSS is its
 own and an ONNX Runtime process never imports torch: the worker reads the tokenized examples from a
 file, writes its outputs to another, and prints one JSON line with its timings. Tokenization is done
 once, before any backend runs, and is not part of the timed calls. Each worker times the rows one at a
@@ -21,8 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import progress
-from .errors import UserError
+from .. import progress
+from ..errors import UserError
 
 BACKENDS = ("pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int8")
 METRIC = {"text-classification": "accuracy", "token-classification": "f1", "fill-mask": "masked_accuracy"}
@@ -51,8 +51,8 @@ class EvalSet:
 def classification_set(df, where: str, tokenizer, names: list, texts: list, pair: Optional[str], label: str,
                        sep: str, max_length: int, label2id: dict, regression: bool) -> EvalSet:
     """A labelled table (a DataFrame from data.read_table) tokenized like train_cls.py's validation file."""
-    from .data import require_columns
-    from .labels import parse_labels
+    from ..data.labels import parse_labels
+    from ..data.loading import require_columns
 
     flags = {c: "--text_column" for c in texts} | {pair: "--text_pair_column", label: "--label_column"}
     require_columns(list(df.columns), texts + ([pair] if pair else []) + [label], where, flags)
@@ -79,8 +79,8 @@ def token_set(path: str, flag: str, tokenizer, names: list, labels: list, max_le
               tag_column_index: int = -1, tokens_column: Optional[str] = None,
               tags_column: Optional[str] = None) -> EvalSet:
     """A tagged CoNLL file or table, split into windows like train_ner.py's evaluation."""
-    from . import ner
-    from .data import file_extension
+    from ..data import ner
+    from ..data.loading import file_extension
 
     if file_extension(path) in ner.CONLL_EXTENSIONS:
         sents = ner.read_conll(path, flag, tag_column_index)
@@ -108,7 +108,7 @@ def masked_lm_set(path: str, flag: str, tokenizer, names: list, max_length: int,
     (80% [MASK], 10% random, 10% kept, as in training)."""
     import torch
 
-    from .mlm import mask_tokens, read_text_lines
+    from ..data.mlm import mask_tokens, read_text_lines
 
     lines = read_text_lines(path, flag)
     enc = tokenizer(lines, truncation=True, max_length=max_length, return_special_tokens_mask=True)
@@ -235,7 +235,7 @@ class Outputs:
 
 def compute_metric(data: EvalSet, out: Outputs) -> dict:
     """The head's metrics on the examples done; `complete` says whether that is the whole file."""
-    from .metrics import classification_metrics, ner_metrics, regression_metrics
+    from ..training.metrics import classification_metrics, ner_metrics, regression_metrics
 
     complete = bool(out.done.all())
     if not complete:
@@ -248,7 +248,7 @@ def compute_metric(data: EvalSet, out: Outputs) -> dict:
             m = classification_metrics(data.gold, logits.argmax(-1), data.num_labels)
             m = {k: m[k] for k in ("accuracy", "f1", "mcc")}
     elif data.head == "token-classification":
-        from .ner import word_predictions
+        from ..data.ner import word_predictions
 
         width = max(len(w) for w in data.extra["word_ids"])
         preds = np.full((len(data), width), -100, dtype=np.int64)
@@ -470,17 +470,17 @@ def int8_kernels(flags: set) -> str:
 
 
 def run_backend(spec: dict, workdir: str) -> dict:
-    """One backend in a fresh `python -m common.inference` process; its JSON line, or an error record."""
+    """One backend in a fresh `python -m common.shipping.inference` process; its JSON line, or an error record."""
     import subprocess
 
     path = os.path.join(workdir, f"{spec['backend']}.json")
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(spec, fh)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "common.inference", path], cwd=root, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-m", "common.shipping.inference", path], cwd=root, env=env,
+                          capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import progress
+from .. import progress
 
 
 @dataclass

@@ -24,8 +24,8 @@ import tempfile
 import unicodedata
 from typing import Callable, Iterable, Optional, Sequence
 
-from .errors import UserError, closest
-from .files import c1_only
+from ..errors import UserError, closest
+from ..files import c1_only
 
 MIN_FREE_MB = 50
 

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from . import hub
-from .errors import UserError
-from .task import BuiltModel
+from .. import hub
+from ..errors import UserError
+from ..task import BuiltModel
 
 
 def _hub_kwargs(name: str) -> dict:

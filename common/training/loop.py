@@ -19,14 +19,14 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import progress
+from ..config import TrainArguments
+from ..errors import UserError
+from ..files import honour_umask_files
+from ..log import logger
 from . import checkpoint as ckpt
-from . import progress
 from .build import Training
-from .config import TrainArguments
-from .errors import UserError
 from .evaluation import EvalResult, evaluate
-from .files import honour_umask_files
-from .log import logger
 from .metrics import greater_is_better
 from .runtime import Runtime, set_sync_gradients
 

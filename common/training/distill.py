@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import progress
-from .config import parse_layer_map
-from .errors import UserError
-from .files import honour_umask
-from .log import logger
+from .. import progress
+from ..config import parse_layer_map
+from ..errors import UserError
+from ..files import honour_umask
+from ..log import logger
+from ..task import Objective, model_inputs
 from .models import encoder_layers, load_config, load_pretrained, load_tokenizer
-from .task import Objective, model_inputs
 
 FLAG = "--teacher_model"
 PROJECTION = "distill_projection"  # the student's attribute holding the projection (never saved with it)

@@ -9,9 +9,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import progress
-from .evaluation import concat
-from .task import PredictionWriter
+from .. import progress
+from ..task import PredictionWriter
+from ..training.evaluation import concat
 
 
 class CsvPredictions(PredictionWriter):

@@ -12,19 +12,23 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint as ckpt
-from . import distill, hub, onnx_predict, plots, progress, reporting, validate
-from .build import build_training, check_fsdp_model, eval_batch_size, eval_loader
-from .collate import PadCollator, length_sorted, pad_multiple
-from .config import parse_layers, to_jsonable
-from .errors import EXIT_PREEMPTED, UserError
-from .evaluation import evaluate
-from .log import logger
-from .loop import CKPT_DIR, Preempted, Trainer
-from .models import check_max_length, keep_layers, load_config, load_tokenizer
+from .. import hub, progress
+from ..config import parse_layers, to_jsonable
+from ..data import validate
+from ..data.collate import PadCollator, length_sorted, pad_multiple
+from ..errors import EXIT_PREEMPTED, UserError
+from ..log import logger
+from ..shipping import onnx_predict
+from ..task import BuiltModel, Context, Objective, PreparedData, Task, write_predictions
+from ..training import checkpoint as ckpt
+from ..training import distill
+from ..training.build import build_training, check_fsdp_model, eval_batch_size, eval_loader
+from ..training.evaluation import evaluate
+from ..training.loop import CKPT_DIR, Preempted, Trainer
+from ..training.models import check_max_length, keep_layers, load_config, load_tokenizer
+from ..training.runtime import peak_rss_mb, setup_info
+from . import plots, reporting
 from .predictions import stream_predictions
-from .runtime import peak_rss_mb, setup_info
-from .task import BuiltModel, Context, Objective, PreparedData, Task, write_predictions
 
 
 @dataclass

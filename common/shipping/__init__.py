@@ -1,0 +1,1 @@
+"""Shipping a trained model: ONNX export and int8, inference measurements, scoring files with an exported folder."""
