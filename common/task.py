@@ -92,6 +92,11 @@ class BuiltModel:
     unexpected_keys: list = field(default_factory=list)   # in the checkpoint, not used by this model
     state: Any = None                                     # the task's own facts from its model
 
+    @property
+    def untrained(self) -> list:
+        """The new weights that matter: position_ids is a buffer some checkpoints leave out, not a weight."""
+        return [k for k in self.new_weights if not k.endswith("position_ids")]
+
 
 class Objective:
     """What the loop calls per batch. See the module docstring for when each hook runs."""

@@ -80,7 +80,7 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     set_seed(args.seed)  # the new head's initialisation does not depend on how much data loading drew
     with progress.phase(f"loading the model {ctx.model_args.model}"):  # a download, when not cached yet
         built = onnx_predict.load(ctx, onnx) if onnx else task.build_model(ctx, data)
-    new = [k for k in built.new_weights if not k.endswith("position_ids")]
+    new = built.untrained
     if new and args.do_train and ctx.resume_from is None:  # resuming: every weight comes from the checkpoint
         logger.info("newly initialised weights (trained from scratch here): %s", ", ".join(new))
     if args.init_student_layers:  # a smaller student: a subset of --model's layers (DistilBERT-style)
@@ -201,7 +201,7 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
     at the end of training (same order, batches and metrics); unlabelled ones are predicted in file order and
     streamed to the predictions file."""
     args, acc, data = ctx.args, ctx.accelerator, inputs.data
-    new = [k for k in inputs.built.new_weights if not k.endswith("position_ids")]
+    new = inputs.built.untrained
     if new:
         raise UserError(f"--model '{ctx.model_args.model}' has no trained weights for {', '.join(new[:4])}"
                         f"{' ...' if len(new) > 4 else ''}: --no_do_train needs a model fine-tuned for this task (e.g. "

@@ -440,7 +440,7 @@ def load_teacher(task, ctx):
 
     name = ctx.args.teacher_model
     built = load_pretrained(getattr(transformers, "AutoModel" + task.head), ctx.model_args, name=name, flag=FLAG)
-    new = [k for k in built.new_weights if not k.endswith("position_ids")]
+    new = built.untrained
     if new:
         more = " ..." if len(new) > 4 else ""
         raise UserError(f"{FLAG} '{name}' has no trained weights for {', '.join(new[:4])}{more}; distil "
