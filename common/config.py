@@ -285,6 +285,29 @@ class TrainArguments:
         group="distillation"))
     init_student_layers: Optional[str] = field(default=None, metadata=_help(
         "Build the model from these 0-based layers of --model.", group="distillation", metavar="L,L,..."))
+    # Hyperparameter search (common/runs/study.py, common/runs/search_space.py, docs/hpo.md)
+    hpo_trials: int = field(default=0, metadata=_help(
+        "Run a study of N trials (Optuna), each a run in output_dir/trials/ (0: no search).", group="search",
+        metavar="N"))
+    hpo_space: Optional[str] = field(default=None, metadata=_help(
+        "YAML file: the settings to search, with ranges, choices and log scale (default: the task's space).",
+        group="search", metavar="FILE"))
+    hpo_sampler: Literal["tpe", "random"] = field(default="tpe", metadata=_help(
+        "How trials pick settings: Optuna's TPE, or uniformly at random.", group="search"))
+    hpo_pruner: Literal["halving", "median", "none"] = field(default="halving", metadata=_help(
+        "Stop unpromising trials at their evaluations: successive halving, median rule, or never.", group="search"))
+    hpo_storage: Optional[str] = field(default=None, metadata=_help(
+        "Where the study lives (default: sqlite in output_dir): an Optuna RDB URL (sqlite:///, postgresql://, "
+        "mysql://) or journal:PATH; the same command on several machines shares it.", group="search",
+        metavar="URL"))
+    hpo_study_name: str = field(default="study", metadata=_help(
+        "The study's name in --hpo_storage.", group="search", metavar="NAME"))
+    hpo_workers: int = field(default=1, metadata=_help(
+        "Trials at once on this machine, each a process with its share of the cores (or its own GPU).",
+        group="search", metavar="K"))
+    hpo_confirm_seeds: int = field(default=0, metadata=_help(
+        "Re-run the best and the default settings with this many seeds each; summary.json compares them with "
+        "95%% intervals (0: no confirmation).", group="search", metavar="N"))
 
     def run_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed + 100 * i for i in range(self.num_runs)]
@@ -369,6 +392,42 @@ class TrainArguments:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer.")
         self._check_distillation()
+        self._check_search()
+
+    def _check_search(self) -> None:
+        """--hpo_*: values, and the settings a study cannot go with (checked before anything runs)."""
+        if self.hpo_trials < 0:
+            raise UserError(f"--hpo_trials must be 0 (no search) or more, got {self.hpo_trials}.")
+        if not self.hpo_trials:
+            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("hpo_")}
+            given = [n for n in ("hpo_space", "hpo_storage", "hpo_confirm_seeds", "hpo_workers", "hpo_sampler",
+                                 "hpo_pruner", "hpo_study_name") if getattr(self, n) != defaults[n]]
+            if given:
+                raise UserError(f"--{given[0]} is a setting of a hyperparameter search; add --hpo_trials N or drop it.")
+            return
+        if self.hpo_workers < 1 or self.hpo_workers > self.hpo_trials:
+            raise UserError(f"--hpo_workers must be between 1 and --hpo_trials ({self.hpo_trials}), got "
+                            f"{self.hpo_workers}.")
+        if self.hpo_confirm_seeds == 1 or self.hpo_confirm_seeds < 0:
+            raise UserError(f"--hpo_confirm_seeds must be 2 or more (an interval needs 2 runs), or 0, got "
+                            f"{self.hpo_confirm_seeds}.")
+        if not self.hpo_study_name.strip():
+            raise UserError("--hpo_study_name must not be empty.")
+        if not self.do_train:
+            raise UserError("--hpo_trials searches training settings, but --no_do_train does not train; drop one.")
+        if self.resume_from_checkpoint:
+            raise UserError("--resume_from_checkpoint is for single runs; a study (--hpo_trials) continues by itself "
+                            "when the same command runs again.")
+        if self.push_to_hub:
+            raise UserError("--push_to_hub uploads one model; a study (--hpo_trials) trains many: train the settings "
+                            "of its best.yaml once with --push_to_hub.")
+        if self.seeds is not None or self.num_runs != 1:
+            raise UserError("--seeds/--num_runs with --hpo_trials: a trial is one run (or one --kfold "
+                            "cross-validation); use --hpo_confirm_seeds N to re-run the best settings over N seeds.")
+        metric = self.metric_for_best_model or ""
+        if metric.startswith("test_") or metric.startswith("test/"):
+            raise UserError(f"--metric_for_best_model {metric}: a study is scored on the validation split, never "
+                            "on a test split (that would tune to the test set); name a validation metric.")
 
     def intermediate_losses(self) -> list[str]:
         """The intermediate-layer distillation losses asked for: hidden, attention, embeddings."""
@@ -439,6 +498,7 @@ HELP_GROUPS = {
     "speed": "precision and speed",
     "distillation": "distillation (docs/distillation.md)",
     "repeats": "repeated runs: seeds and k-fold (docs/repeated-runs.md)",
+    "search": "hyperparameter search (docs/hpo.md)",
     "sharing": "logging, trackers and the Hub",
 }
 HELP_COLUMNS = (100, 120)  # --help width when not on a terminal, and the widest it gets on one

@@ -23,6 +23,10 @@ class UserError(Exception):
         return [f"error: {self}"]
 
 
+class Diverged(UserError):
+    """The training loss became NaN/inf: a run stops (a user error: the settings); a study marks the trial failed."""
+
+
 def closest(name: str, candidates: Iterable[str]) -> str:
     """' (did you mean 'x'?)' when a candidate is close to `name`, else ''."""
     match = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)

@@ -68,6 +68,7 @@ class Context:
     run_name: str = ""
     hub_repo: Optional[str] = None  # --push_to_hub: the repository checked before training
     resume_from: Optional[str] = None  # the checkpoint folder this run resumes from (set by prepare_run)
+    on_evaluate: Any = None       # Trainer.on_evaluate of this run (a study's pruning), or None
 
     @property
     def accelerator(self):

@@ -54,7 +54,9 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     announce = data_args.resolve_source(args.do_train)
     runs = plan_runs(args)
     check_plan(args, task.name, task.supports_kfold)
-    if len(runs) == 1 and runs[0].split is None:
+    if args.hpo_trials:  # a study checks its folder itself (a study there continues)
+        validate.check_output_path(args.output_dir)
+    elif len(runs) == 1 and runs[0].split is None:
         reporting.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     else:
         validate.check_output_path(args.output_dir)
@@ -70,6 +72,10 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
             logger.info(reused.describe())
         for warning in validate.reused_files(data_args):
             logger.warning(warning)
+        if args.hpo_trials:
+            from .study import run_study
+
+            return run_study(task, model_args, data_args, args, runtime, given, argv)
         if runs[0].split is None:
             repo = push_preflight(runtime.accelerator, args) if args.push_to_hub else None
             return run_single(task, Context(model_args, data_args, args, runtime, hub_repo=repo))

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..config import to_jsonable
 from ..errors import UserError
@@ -72,8 +72,11 @@ def _run_context(task, model_args, data_args, args, runtime, run: PlannedRun, re
     return Context(model_args, data_args, run_args, runtime, split=run.split, run_name=run.name)
 
 
-def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) -> dict:
-    """Run every planned run (skipping those finished earlier); returns the summary (also in summary.json)."""
+def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun],
+            after_run: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Run every planned run (skipping those finished earlier); returns the summary (also in summary.json).
+    after_run(i, results), when given, is called on every process after the i-th run (1-based) has its results
+    (a study's pruning of a k-fold trial raises from it)."""
     from accelerate.utils import broadcast_object_list
 
     accelerator = runtime.accelerator
@@ -111,6 +114,8 @@ def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) 
             logger.info("run %d/%d (%s): finished earlier, skipped", i, len(runs), run.name)
             per_run[run.name] = finished[0]
             earlier += 1
+            if after_run is not None:
+                after_run(i, finished[0])
             continue
         has_ckpt = [bool(list_checkpoints(os.path.join(sub, "checkpoints"))) if accelerator.is_main_process else None]
         broadcast_object_list(has_ckpt)
@@ -125,6 +130,8 @@ def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun]) 
             per_run[run.name] = run_single(task, _run_context(task, model_args, data_args, args, runtime, run, resume))
         accelerator.free_memory()
         gc.collect()
+        if after_run is not None:
+            after_run(i, per_run[run.name])
 
     summary = summarize_runs(runs, per_run, args, time.perf_counter() - t0, earlier)
     if accelerator.is_main_process:

@@ -132,6 +132,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
                               inputs.collator)
     trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity)
+    trainer.on_evaluate = ctx.on_evaluate
     checked = trainer.check_checkpoint(resume) if resume is not None else None
 
     # Output folder: created (or cleared) only now that data, model, training objects and checkpoint checked out.

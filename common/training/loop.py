@@ -21,7 +21,7 @@ import torch
 
 from .. import progress
 from ..config import TrainArguments
-from ..errors import UserError
+from ..errors import Diverged, UserError
 from ..files import honour_umask_files
 from ..log import logger
 from . import checkpoint as ckpt
@@ -98,6 +98,9 @@ class Trainer:
         self.best_eval: Optional[tuple[int, EvalResult]] = None  # ... and of the best one (this session)
         self.first_step_seconds: Optional[float] = None  # the first optimizer step of this session
         self._stop_signal: Optional[int] = None
+        # Called on every rank after each evaluation during training with (step, epoch, value of self.metric,
+        # whether it is the last step); a study's pruning raises from it to stop the run (runs/study.py).
+        self.on_evaluate: Optional[Callable[[int, float, float, bool], None]] = None
         self._first_bad = torch.full((), -1, device=accelerator.device, dtype=torch.long)  # step of a NaN/inf loss
         self._grad_norm = None
         # The fixed per-step loss denominator of token tasks under length grouping (see build.py).
@@ -250,6 +253,9 @@ class Trainer:
         self._check_finite()
         stop = self._evaluate_and_track()
         self.state.eval_seconds += time.perf_counter() - started
+        if self.on_evaluate is not None:
+            value = self.last_eval[1].metrics.get(self.metric)
+            self.on_evaluate(step, self._epoch_float(), value, stop or step >= self.training.total_steps)
         return stop
 
     def _maybe_checkpoint(self, step: int, end_of_epoch: bool) -> None:
@@ -276,7 +282,7 @@ class Trainer:
         seen = seen[seen > 0]
         bad = int(seen.min()) if len(seen) else -1
         if bad > 0:
-            raise UserError(f"the training loss became NaN/inf at optimizer step {bad}; lower --learning_rate, "
+            raise Diverged(f"the training loss became NaN/inf at optimizer step {bad}; lower --learning_rate, "
                             "keep --max_grad_norm > 0, check the data, or pass --skip_nonfinite to skip such steps. "
                             "No weights were saved from that point.")
 
