@@ -249,6 +249,36 @@ def _silence_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*reported.*already.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
+
+
+@contextlib.contextmanager
+def heartbeat(storage, study, number: int):
+    """While a trial runs here, its heartbeat in an RDB storage (Optuna beats only inside Study.optimize): a
+    trial whose machine dies stops beating and is failed by the others after the grace period (recover)."""
+    import threading
+
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                                number)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # a storage hiccup must not end the trial
+                storage.record_heartbeat(trial_id)
+            stop.wait(interval)
+
+    thread = threading.Thread(target=beat, name="hpo-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dict:
@@ -487,8 +517,9 @@ def work(task, model_args, data_args, args, runtime, plan: StudyPlan, worker: Op
                                                                   if k != "trial"}])[0]
             if shared is None:
                 break
-            outcome = run_trial(task, model_args, data_args, args, runtime, plan, shared,
-                                claimed[0]["trial"] if claimed[0] else None)
+            with (heartbeat(storage, study, shared["number"]) if acc.is_main_process else contextlib.nullcontext()):
+                outcome = run_trial(task, model_args, data_args, args, runtime, plan, shared,
+                                    claimed[0]["trial"] if claimed[0] else None)
             if acc.is_main_process:
                 finish(study, claimed[0]["trial"], shared, outcome, plan)
             if bar is not None:
