@@ -147,6 +147,8 @@ def preflight(task, model_args, data_args, args, runtime, space) -> StudyPlan:
     del inputs
     runtime.accelerator.free_memory()
     gc.collect()
+    if args.kfold >= 2:  # a k-fold trial reports the running mean over its folds after each fold: 1, 2, ...
+        return StudyPlan(metric, greater, n, space, 1)
     first = first_eval_fraction(args, n, runtime.accelerator.num_processes)
     return StudyPlan(metric, greater, n, space, max(1, round(first * EPOCH_UNITS)))
 
@@ -665,6 +667,16 @@ def _best(study):
 # Several trials at once on one machine
 # ---------------------------------------------------------------------------------------------
 
+def _end_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when the study's process dies, even by SIGKILL (Linux). The worker
+    then checkpoints its trial and stops; the same command continues the study."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_workers(args, plan: StudyPlan, argv: Optional[list]) -> None:
     """--hpo_workers K: K processes of this very command (WORKER_ENV set), each with 1/K of the cores (or its
     own GPU when there are K), claim trials from the one study until it has its N. Their logs go to
@@ -691,7 +703,7 @@ def run_workers(args, plan: StudyPlan, argv: Optional[list]) -> None:
             env["CUDA_VISIBLE_DEVICES"] = str(i)
         log = open(os.path.join(logs, f"worker_{i + 1}.log"), "a", encoding="utf-8")
         procs.append((subprocess.Popen([sys.executable, os.path.abspath(script), *argv], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+                                       stderr=subprocess.STDOUT, preexec_fn=_end_with_parent), log))
     logger.info("%d worker processes (%s each), logs in %s", k,
                 f"GPU {', '.join(str(i) for i in range(k))}" if gpus >= k else f"{max(1, cores // k)} cores", logs)
     study = load_study(args)
