@@ -4,13 +4,15 @@ one trial's settings drawn from it.
 A space file maps settings (the scripts' flag names) to what a trial may pick:
 
     learning_rate: {low: 1.0e-5, high: 3.0e-4, log: true}   # a range (log: sampled on a log scale)
-    num_train_epochs: {low: 2, high: 5}                      # whole numbers: an integer range
-    per_device_train_batch_size: [16, 32, 64]                # a list: one of these values
+    num_train_epochs: [2, 3, 4, 5]                           # a list: one of these values
+    per_device_train_batch_size: {low: 16, high: 64, step: 16}  # an integer setting: an integer range
     warmup_ratio: {low: 0.0, high: 0.2, step: 0.05}          # a grid of step 0.05
     weight_decay: 0.01                                       # a single value: fixed for every trial
 
-Only the settings in the file are searched; every other setting is the command's. Without a file, the
-task's default space (docs/hpo.md) is searched, less the settings the command gives itself.
+Only the settings in the file are searched; every other setting is the command's (a setting both in the
+file and on the command line is searched, and the command's value is the baseline --hpo_confirm_seeds
+compares with). Without a file, the task's default space (docs/hpo.md) is searched, less the settings the
+command gives itself.
 """
 from __future__ import annotations
 
@@ -85,12 +87,12 @@ def resolve_space(task_name: str, args: TrainArguments, given: set) -> tuple[lis
     settings the command fixes (a flag or --config key) and those without effect (epochs under --max_steps)."""
     if args.hpo_space:
         space = read_space(args.hpo_space)
-        fixed_twice = [p.name for p in space if p.name in given and p.kind != "fixed"]
-        if fixed_twice:
-            raise UserError(f"--hpo_space '{args.hpo_space}' searches {fixed_twice[0]}, which the command also sets "
-                            f"(--{fixed_twice[0]}); drop one of them.")
         _check_effect(space, args, args.hpo_space)
-        return space, []
+        # A setting both searched and given: the file decides the trials; the command's value stays the baseline
+        # that --hpo_confirm_seeds compares the best settings with.
+        notes = [f"{p.name} searched (--hpo_space); the command's {getattr(args, p.name)} is the baseline of "
+                 "--hpo_confirm_seeds" for p in space if p.name in given and p.kind != "fixed"]
+        return space, notes
     notes = []
     space = []
     for param in default_space(task_name, args):
