@@ -92,6 +92,11 @@ def resolve_space(task_name: str, args: TrainArguments, given: set) -> tuple[lis
         # that --hpo_confirm_seeds compares the best settings with.
         notes = [f"{p.name} searched (--hpo_space); the command's {getattr(args, p.name)} is the baseline of "
                  "--hpo_confirm_seeds" for p in space if p.name in given and p.kind != "fixed"]
+        twice = [p for p in space if p.name in given and p.kind == "fixed" and p.choices[0] != getattr(args, p.name)]
+        if twice:
+            p = twice[0]
+            raise UserError(f"--hpo_space '{args.hpo_space}' fixes {p.name} to {p.choices[0]}, but the command sets "
+                            f"--{p.name} {getattr(args, p.name)}; keep one of them.")
         return space, notes
     notes = []
     space = []
@@ -119,6 +124,12 @@ def _check_effect(space: list[Param], args: TrainArguments, path: str) -> None:
         name = sorted(names & {"distill_alpha", "distill_temperature", "distill_intermediate_weight"})[0]
         raise UserError(f"--hpo_space '{path}' searches {name}, a distillation setting, but there is no "
                         "--teacher_model; drop it or add a teacher.")
+
+
+def _metadata_choices() -> dict[str, tuple]:
+    """Settings whose values are listed in their field metadata (e.g. lr_scheduler_type)."""
+    return {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(TrainArguments)
+            if f.metadata.get("choices")}
 
 
 def _settings_types() -> dict[str, Any]:
@@ -165,7 +176,13 @@ def read_space(path: str) -> list[Param]:
                 raise UserError(f"{where}: this setting cannot vary between trials; set it on the command line.")
             raise UserError(f"{where}: not a training setting{closest(name, types)}; the searchable settings are "
                             "the training flags of --help (data and model settings are fixed for a study).")
-        space.append(_param(name, spec, _base_type(types[name]), where))
+        param = _param(name, spec, _base_type(types[name]), where)
+        allowed = _metadata_choices().get(name)
+        if allowed and param.kind in ("choice", "fixed"):
+            bad = [v for v in param.choices if v not in allowed]
+            if bad:
+                raise UserError(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, allowed))}.")
+        space.append(param)
     if not any(p.kind != "fixed" for p in space):
         raise UserError(f"--hpo_space file '{path}' fixes every setting it names; give at least one a range or "
                         "a list of choices.")

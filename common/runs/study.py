@@ -55,7 +55,6 @@ BEST_YAML = "best.yaml"
 SUMMARY = "summary.json"
 CONFIRM_DIR = "confirm"
 WORKER_ENV = "BERT_FINETUNE_HPO_WORKER"   # set in the processes of --hpo_workers K: run trials, no report
-EPOCH_UNITS = 100                         # a trial reports its evaluations at round(epoch * 100)
 EVALS_PER_EPOCH = 3                       # trials evaluate this often unless the command sets --eval_steps
 # Settings that may differ between invocations of one study (the rest must match the study's).
 FREE = {"output_dir", "overwrite_output_dir", "hpo_trials", "hpo_workers", "hpo_confirm_seeds", "progress",
@@ -79,6 +78,7 @@ class StudyPlan:
     train_examples: int
     space: list
     min_resource: int
+    unit: str = "evaluation"   # what a trial's reported step counts: its evaluations, or with --kfold its folds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,22 +147,15 @@ def preflight(task, model_args, data_args, args, runtime, space) -> StudyPlan:
     del inputs
     runtime.accelerator.free_memory()
     gc.collect()
-    if args.kfold >= 2:  # a k-fold trial reports the running mean over its folds after each fold: 1, 2, ...
-        return StudyPlan(metric, greater, n, space, 1)
-    first = first_eval_fraction(args, n, runtime.accelerator.num_processes)
-    return StudyPlan(metric, greater, n, space, max(1, round(first * EPOCH_UNITS)))
+    # A trial reports its k-th evaluation as step k (a k-fold trial: the running mean over its folds after fold k),
+    # so trials of any batch size line up step by step (the median rule compares equal steps); the pruner's
+    # first rung is the first evaluation.
+    return StudyPlan(metric, greater, n, space, 1, "fold" if args.kfold >= 2 else "evaluation")
 
 
 def steps_per_epoch(args, examples: int, processes: int) -> int:
     batches = math.ceil(examples / (args.per_device_train_batch_size * processes))
     return max(1, math.ceil(batches / args.gradient_accumulation_steps))
-
-
-def first_eval_fraction(args, examples: int, processes: int) -> float:
-    """The epoch fraction of a trial's first evaluation with the command's batch size."""
-    if args.eval_strategy == "steps":
-        return min(1.0, args.eval_steps / steps_per_epoch(args, examples, processes))
-    return 1.0 / EVALS_PER_EPOCH
 
 
 def trial_args(args: TrainArguments, params: dict, output_dir: str, resume: Optional[str], examples: int,
@@ -171,8 +164,10 @@ def trial_args(args: TrainArguments, params: dict, output_dir: str, resume: Opti
     sets --eval_steps, a trial evaluates EVALS_PER_EPOCH times per epoch, so the pruner can stop it early."""
     study_defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments) if f.name.startswith("hpo_")}
     out = search_space.apply(args, params)
+    # No trial touches a test split (a study is scored on the validation data; --hpo_confirm_seeds runs with the
+    # command's own --do_predict).
     changes: dict[str, Any] = dict(study_defaults, output_dir=output_dir, overwrite_output_dir=True,
-                                   resume_from_checkpoint=resume)
+                                   resume_from_checkpoint=resume, do_predict=False)
     if examples and out.eval_strategy == "epoch":
         changes.update(eval_strategy="steps",
                        eval_steps=max(1, round(steps_per_epoch(out, examples, processes) / EVALS_PER_EPOCH)))
@@ -293,15 +288,13 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
     marker_path = os.path.join(out, MARKER)
     marker = {"storage": url, "study_name": args.hpo_study_name}
     note = ""
+    replace = False
     if fresh_folder:
         reporting.check_output_dir(out, True, None)  # file/permission/disk checks
         if os.path.isdir(out) and os.listdir(out):
             old = _load_json(marker_path)
             if args.overwrite_output_dir:
-                _clear(out)
-                if args.hpo_storage:  # the study lives elsewhere: replaced too
-                    with contextlib.suppress(KeyError):
-                        optuna.delete_study(study_name=args.hpo_study_name, storage=make_storage(url))
+                replace = True
             elif old is None:
                 raise UserError(f"--output_dir '{out}' is not empty and holds no study; pass --overwrite_output_dir "
                                 "to replace it, or choose another folder.")
@@ -309,9 +302,13 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
                 raise UserError(f"--output_dir '{out}' holds the study '{old.get('study_name')}' in "
                                 f"{old.get('storage')}; rerun with those --hpo_storage/--hpo_study_name to continue "
                                 "it, pass --overwrite_output_dir to replace it, or choose another folder.")
-        os.makedirs(os.path.join(out, TRIALS_DIR), exist_ok=True)
-        reporting.write_json(marker_path, marker)
-    storage = make_storage(url)
+    if replace and not args.hpo_storage:  # the default storage is a file in the folder: cleared with it
+        _clear(out)
+    storage = make_storage(url)  # a bad URL, server or driver is refused before anything is written
+    if replace and args.hpo_storage:  # the study lives elsewhere: replaced too
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=args.hpo_study_name, storage=storage)
+        _clear(out)
     study = optuna.create_study(storage=storage, study_name=args.hpo_study_name, load_if_exists=True,
                                 direction="maximize" if plan.greater else "minimize")
     stored = study.user_attrs.get("settings")
@@ -327,6 +324,9 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
                             "--overwrite_output_dir to start over, or choose another --hpo_study_name.")
         done = sum(counts(study.get_trials(deepcopy=False)).values())
         note = f" (continuing: {done} trials in it)"
+    if fresh_folder:
+        os.makedirs(os.path.join(out, TRIALS_DIR), exist_ok=True)
+        reporting.write_json(marker_path, marker)
     return {"note": note}
 
 
@@ -575,23 +575,23 @@ def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claim
         return bool(_broadcast(prune)[0])
 
     def on_evaluate(step: int, epoch: float, value: Optional[float], last: bool) -> None:
-        at = int(round(epoch * EPOCH_UNITS))
-        reports.append((at, value))
+        # the evaluation's index, from the step: a re-run resumed from a checkpoint numbers on where it was
+        at = step // targs.eval_steps if targs.eval_strategy == "steps" else max(1, round(epoch))
+        reports.append((at, round(epoch, 4), value))
         if decide(at, value, last):
             raise Pruned(epoch, value)
 
     def after_fold(i: int, results: dict) -> None:
-        values = [r for _, r in reports]
+        values = [r for _, _, r in reports]
         values.append((results.get("eval") or {}).get(plan.metric))
-        reports.append((i, values[-1]))
+        reports.append((i, None, values[-1]))
         finite = [v for v in values if v is not None and math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else None
         if decide(i, mean, i >= args.kfold):
             raise Pruned(float(i), mean)
 
+    targs = trial_args(args, params, claimed["folder"], claimed["resume"], plan.train_examples, acc.num_processes)
     try:
-        targs = trial_args(args, params, claimed["folder"], claimed["resume"], plan.train_examples,
-                           acc.num_processes)
         if args.kfold >= 2:
             summary = run_all(task, model_args, data_args, targs, runtime, plan_runs(targs), after_run=after_fold)
             value = (summary["metrics"].get("eval_" + plan.metric) or {}).get("mean")
@@ -614,7 +614,12 @@ def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claim
     except (MemoryError, _oom_error()) as err:
         outcome = {"state": "fail", "error": f"out of memory: {str(err).splitlines()[0][:200]}"}
         _free_accelerator_memory()
-    except BaseException as err:  # killed, preempted (SIGTERM: a checkpoint was saved) or a bug: re-run later
+    except Exception as err:  # noqa: BLE001 - a setting this trial drew that breaks a library, or a bug
+        logger.warning("trial %d failed with an unexpected error (the study goes on):", number, exc_info=True)
+        first_line = str(err).splitlines()[0][:300] if str(err) else ""
+        outcome = {"state": "fail", "error": f"{type(err).__name__}: {first_line}"}
+        _free_accelerator_memory()
+    except BaseException as err:  # interrupted (Ctrl-C; SIGTERM: a checkpoint was saved): re-run by the next command
         if trial is not None:
             trial.set_user_attr("hpo_interrupted", f"{type(err).__name__}")
             with contextlib.suppress(Exception):
@@ -650,7 +655,8 @@ def write_trial_json(folder: str, outcome: dict, plan: StudyPlan) -> None:
     record = {"number": outcome["number"], "state": outcome["state"], "metric": plan.metric,
               "value": outcome.get("value"), "params": outcome["params"], "seconds": outcome["seconds"],
               "pruned_at_epoch": outcome.get("epoch"), "error": outcome.get("error"),
-              "intermediate": [{"at_epoch": at / EPOCH_UNITS, "value": v} for at, v in outcome["reports"]]}
+              "intermediate": [{plan.unit: at, "epoch": epoch, "value": v}
+                               for at, epoch, v in outcome["reports"]]}
     reporting.write_json(os.path.join(folder, "trial.json"), record)
 
 
@@ -662,6 +668,7 @@ def finish(study, trial, claimed: dict, outcome: dict, plan: StudyPlan) -> None:
     if state == "complete":
         study.tell(trial, outcome["value"])
     elif state == "pruned":
+        trial.set_user_attr("hpo_pruned_at_epoch", outcome.get("epoch"))
         study.tell(trial, state=TrialState.PRUNED)
     else:
         trial.set_user_attr("hpo_failure", outcome["error"][:500])
@@ -776,18 +783,13 @@ def trial_rows(study, plan: StudyPlan) -> list[dict]:
                "value": t.value if t.value is not None else (last if state == "pruned" else None),
                **{p.name: t.params.get(p.name) for p in plan.space if p.kind != "fixed"},
                "seconds": round(seconds, 1) if seconds is not None else None,
-               "pruned_at_epoch": max(t.intermediate_values) / EPOCH_UNITS
-               if state == "pruned" and t.intermediate_values and not plan_kfold(study) else None,
+               "pruned_at": t.user_attrs.get("hpo_pruned_at_epoch") if state == "pruned" else None,
                "folder": os.path.join(TRIALS_DIR, t.user_attrs.get("hpo_folder") or trial_folder(t.number)),
                "host": (t.user_attrs.get("hpo_owner") or {}).get("host"),
                "note": t.user_attrs.get("hpo_failure") or (f"re-run of trial {t.user_attrs['hpo_retry_of']}"
                                                            if "hpo_retry_of" in t.user_attrs else "")}
         rows.append(row)
     return rows
-
-
-def plan_kfold(study) -> bool:
-    return bool((study.user_attrs.get("settings") or {}).get("kfold"))
 
 
 def write_trials_csv(path: str, rows: list[dict]) -> None:
