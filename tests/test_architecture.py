@@ -110,6 +110,10 @@ def test_common_has_no_import_cycle():
     assert graph["shipping.onnx_predict"] <= {"training.build", "training.evaluation", "shipping.onnx_export", "task",
                                               "errors", "log", "progress"}
     assert [m for m, deps in graph.items() if "shipping.onnx_predict" in deps] == ["runs.single_run"]
+    # a hyperparameter study (docs/hpo.md): above the runs it makes, entered from launch only; its space reads settings
+    assert [m for m, deps in graph.items() if "runs.study" in deps] == ["runs.launch"]
+    assert {"runs.single_run", "runs.repeats", "runs.search_space"} <= graph["runs.study"]
+    assert graph["runs.search_space"] <= {"config", "errors"}
 
 
 def test_the_cycle_finder_finds_a_cycle():
