@@ -287,27 +287,21 @@ class TrainArguments:
         "Build the model from these 0-based layers of --model.", group="distillation", metavar="L,L,..."))
     # Hyperparameter search (common/runs/study.py, common/runs/search_space.py, docs/hpo.md)
     hpo_trials: int = field(default=0, metadata=_help(
-        "Run a study of N trials (Optuna), each a run in output_dir/trials/ (0: no search).", group="search",
-        metavar="N"))
+        "A study of N trials (Optuna), each a run in output_dir/trials/.", group="search", metavar="N"))
     hpo_space: Optional[str] = field(default=None, metadata=_help(
-        "YAML file: the settings to search, with ranges, choices and log scale (default: the task's space).",
-        group="search", metavar="FILE"))
+        "YAML: the settings to search (default: the task's space).", group="search", metavar="FILE"))
     hpo_sampler: Literal["tpe", "random"] = field(default="tpe", metadata=_help(
-        "How trials pick settings: Optuna's TPE, or uniformly at random.", group="search"))
+        "Optuna's TPE, or random draws.", group="search"))
     hpo_pruner: Literal["halving", "median", "none"] = field(default="halving", metadata=_help(
-        "Stop unpromising trials at their evaluations: successive halving, median rule, or never.", group="search"))
+        "Stop weak trials early: successive halving, median, never.", group="search"))
     hpo_storage: Optional[str] = field(default=None, metadata=_help(
-        "Where the study lives (default: sqlite in output_dir): an Optuna RDB URL (sqlite:///, postgresql://, "
-        "mysql://) or journal:PATH; the same command on several machines shares it.", group="search",
-        metavar="URL"))
+        "Optuna storage URL, for several machines (default: sqlite).", group="search", metavar="URL"))
     hpo_study_name: str = field(default="study", metadata=_help(
         "The study's name in --hpo_storage.", group="search", metavar="NAME"))
     hpo_workers: int = field(default=1, metadata=_help(
-        "Trials at once on this machine, each a process with its share of the cores (or its own GPU).",
-        group="search", metavar="K"))
+        "Trials at once here, each with its share of cores or a GPU.", group="search", metavar="K"))
     hpo_confirm_seeds: int = field(default=0, metadata=_help(
-        "Re-run the best and the default settings with this many seeds each; summary.json compares them with "
-        "95%% intervals (0: no confirmation).", group="search", metavar="N"))
+        "Re-run the best and the default settings over N seeds.", group="search", metavar="N"))
 
     def run_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed + 100 * i for i in range(self.num_runs)]
