@@ -44,7 +44,7 @@ from ..training.checkpoint import list_checkpoints
 from ..training.metrics import greater_is_better
 from . import plots, reporting, search_space
 from .plan import plan_runs
-from .repeats import run_all
+from .repeats import holds_other_job, run_all
 from .single_run import prepare_run, run_single
 
 STUDY_DB = "study.db"
@@ -78,7 +78,8 @@ class StudyPlan:
     greater: bool
     train_examples: int
     space: list
-    min_resource: int
+    min_resource: int            # the pruner's first rung: epochs x EPOCH_UNITS, or folds with --kfold
+    kfold: int = 0               # trials report after each fold, not at evaluations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +148,8 @@ def preflight(task, model_args, data_args, args, runtime, space) -> StudyPlan:
     del inputs
     runtime.accelerator.free_memory()
     gc.collect()
+    if args.kfold >= 2:  # a k-fold trial reports after each fold (1, 2, ... k)
+        return StudyPlan(metric, greater, n, space, 1, args.kfold)
     first = first_eval_fraction(args, n, runtime.accelerator.num_processes)
     return StudyPlan(metric, greater, n, space, max(1, round(first * EPOCH_UNITS)))
 
@@ -166,12 +169,14 @@ def first_eval_fraction(args, examples: int, processes: int) -> float:
 def trial_args(args: TrainArguments, params: dict, output_dir: str, resume: Optional[str], examples: int,
                processes: int = 1) -> TrainArguments:
     """A trial's settings: the command's, the trial's values, its folder, no study settings. Unless the command
-    sets --eval_steps, a trial evaluates EVALS_PER_EPOCH times per epoch, so the pruner can stop it early."""
+    sets --eval_steps, a trial evaluates EVALS_PER_EPOCH times per epoch, so the pruner can stop it early. A k-fold
+    trial is pruned between folds: its folds keep the command's evaluations, and a re-run of it continues its
+    folds (repeats.run_all skips the finished ones) rather than clearing them."""
     study_defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments) if f.name.startswith("hpo_")}
     out = search_space.apply(args, params)
-    changes: dict[str, Any] = dict(study_defaults, output_dir=output_dir, overwrite_output_dir=True,
+    changes: dict[str, Any] = dict(study_defaults, output_dir=output_dir, overwrite_output_dir=args.kfold < 2,
                                    resume_from_checkpoint=resume)
-    if examples and out.eval_strategy == "epoch":
+    if examples and out.eval_strategy == "epoch" and args.kfold < 2:
         changes.update(eval_strategy="steps",
                        eval_steps=max(1, round(steps_per_epoch(out, examples, processes) / EVALS_PER_EPOCH)))
     return dataclasses.replace(out, **changes)
@@ -233,6 +238,7 @@ def storage_lock(url: str):
         return
     import fcntl
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -249,11 +255,14 @@ def _silence_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*reported.*already.*", category=UserWarning)
+    # ask/tell with a heartbeat storage: the study records the heartbeats itself (heartbeat())
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
 
 
 def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dict:
     """Check output_dir (a study of this command continues; anything else is refused unless
-    --overwrite_output_dir) and create or load the study. Main process."""
+    --overwrite_output_dir) and create or load the study; nothing is written in output_dir before the study's
+    settings are found to be this command's. Main process."""
     import optuna
 
     _silence_optuna()
@@ -277,24 +286,28 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
                 raise UserError(f"--output_dir '{out}' holds the study '{old.get('study_name')}' in "
                                 f"{old.get('storage')}; rerun with those --hpo_storage/--hpo_study_name to continue "
                                 "it, pass --overwrite_output_dir to replace it, or choose another folder.")
-        os.makedirs(os.path.join(out, TRIALS_DIR), exist_ok=True)
-        reporting.write_json(marker_path, marker)
-    storage = make_storage(url)
-    study = optuna.create_study(storage=storage, study_name=args.hpo_study_name, load_if_exists=True,
-                                direction="maximize" if plan.greater else "minimize")
-    stored = study.user_attrs.get("settings")
-    if stored is None:
-        study.set_user_attr("settings", settings)
-        study.set_user_attr("metric", plan.metric)
-        study.set_user_attr("space", {p.name: p.as_dict() for p in plan.space})
-    else:
+    space = {p.name: p.as_dict() for p in plan.space}
+    with storage_lock(url):  # several launches started at once create one storage and its study once
+        study = optuna.create_study(storage=make_storage(url), study_name=args.hpo_study_name, load_if_exists=True,
+                                    direction="maximize" if plan.greater else "minimize")
+        stored = study.user_attrs.get("settings")
+        if stored is None:
+            study.set_user_attr("settings", settings)
+            study.set_user_attr("metric", plan.metric)
+            study.set_user_attr("space", space)
+    if stored is not None:
         changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        if study.user_attrs.get("space") != json.loads(json.dumps(space)):
+            changed.append("the --hpo_space file's contents")  # the same path, the file edited since
         if changed:
             raise UserError(f"the study '{args.hpo_study_name}' in {url} was started with other settings "
                             f"({', '.join(changed[:5])} differ); run the command it was started with, pass "
                             "--overwrite_output_dir to start over, or choose another --hpo_study_name.")
         done = sum(counts(study.get_trials(deepcopy=False)).values())
         note = f" (continuing: {done} trials in it)"
+    if fresh_folder:
+        os.makedirs(os.path.join(out, TRIALS_DIR), exist_ok=True)
+        reporting.write_json(marker_path, marker)
     return {"note": note}
 
 
@@ -487,14 +500,45 @@ def work(task, model_args, data_args, args, runtime, plan: StudyPlan, worker: Op
                                                                   if k != "trial"}])[0]
             if shared is None:
                 break
-            outcome = run_trial(task, model_args, data_args, args, runtime, plan, shared,
-                                claimed[0]["trial"] if claimed[0] else None)
+            with heartbeat(storage, study, shared["number"]) if acc.is_main_process else contextlib.nullcontext():
+                outcome = run_trial(task, model_args, data_args, args, runtime, plan, shared,
+                                    claimed[0]["trial"] if claimed[0] else None)
             if acc.is_main_process:
                 finish(study, claimed[0]["trial"], shared, outcome, plan)
             if bar is not None:
                 bar.update(1)
             acc.free_memory()
             gc.collect()
+
+
+@contextlib.contextmanager
+def heartbeat(storage, study, number: int):
+    """While a trial runs, record its heartbeat every interval where the storage keeps them (RDB storages), so
+    that a launch on another machine fails and re-queues it once its process is gone (recover)."""
+    import threading
+
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if not interval:
+        yield
+        return
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               number)
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is not the trial's failure
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"hpo-heartbeat-{number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claimed: dict, trial) -> dict:
@@ -546,8 +590,12 @@ def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claim
             outcome = {"state": "complete", "value": float(value)}
     except Pruned as stop:
         outcome = {"state": "pruned", "value": stop.value, "epoch": stop.epoch}
-        if acc.is_main_process:  # its partial results stay (log, settings); its best-weights checkpoint goes
-            shutil.rmtree(os.path.join(claimed["folder"], "checkpoints"), ignore_errors=True)
+        if acc.is_main_process:  # its partial results stay (log, settings); its checkpoints (a k-fold trial's
+            folder = claimed["folder"]  # in its folds' folders) go: a pruned trial never resumes
+            runs = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("fold_")] \
+                if os.path.isdir(folder) else []
+            for run in [folder, *runs]:
+                shutil.rmtree(os.path.join(run, "checkpoints"), ignore_errors=True)
     except Diverged as err:
         outcome = {"state": "fail", "error": f"diverged: {err}"}
     except UserError as err:  # settings this trial drew that cannot work (the command's were checked before)
@@ -589,9 +637,13 @@ def write_trial_json(folder: str, outcome: dict, plan: StudyPlan) -> None:
     or failed trial keeps these partial results)."""
     os.makedirs(folder, exist_ok=True)
     record = {"number": outcome["number"], "state": outcome["state"], "metric": plan.metric,
-              "value": outcome.get("value"), "params": outcome["params"], "seconds": outcome["seconds"],
-              "pruned_at_epoch": outcome.get("epoch"), "error": outcome.get("error"),
-              "intermediate": [{"at_epoch": at / EPOCH_UNITS, "value": v} for at, v in outcome["reports"]]}
+              "value": outcome.get("value"), "params": outcome["params"], "seconds": outcome["seconds"]}
+    if plan.kfold:  # reported after each fold: the mean of the folds so far
+        record.update(pruned_after_fold=outcome.get("epoch") and int(outcome["epoch"]), error=outcome.get("error"),
+                      intermediate=[{"after_fold": at, "value": v} for at, v in outcome["reports"]])
+    else:
+        record.update(pruned_at_epoch=outcome.get("epoch"), error=outcome.get("error"),
+                      intermediate=[{"at_epoch": at / EPOCH_UNITS, "value": v} for at, v in outcome["reports"]])
     reporting.write_json(os.path.join(folder, "trial.json"), record)
 
 
@@ -611,10 +663,13 @@ def finish(study, trial, claimed: dict, outcome: dict, plan: StudyPlan) -> None:
     done = sum(n for s, n in counts(trials).items() if s not in ("running", "waiting"))
     best = _best(study)
     value = outcome.get("value")
-    what = {"complete": f"{plan.metric} {value:.4f}",
-            "pruned": f"pruned at epoch {outcome.get('epoch', 0):.2f} ({plan.metric} "
-                      f"{value:.4f})" if value is not None else "pruned",
-            "fail": f"failed: {outcome.get('error')}"}[state]
+    if state == "complete":
+        what = f"{plan.metric} {value:.4f}"
+    elif state == "pruned":
+        where = f"after fold {int(outcome['epoch'])}" if plan.kfold else f"at epoch {outcome['epoch']:.2f}"
+        what = f"pruned {where}" + (f" ({plan.metric} {value:.4f})" if value is not None else "")
+    else:
+        what = f"failed: {outcome['error']}"
     best_text = f"; best {best.value:.4f} (trial {best.number})" if best is not None else ""
     logger.info("trial %d done (%d finished): %s in %s%s", outcome["number"], done, what,
                 progress.duration(outcome["seconds"]), best_text)
@@ -811,9 +866,11 @@ def report(task, model_args, data_args, args, runtime, plan: StudyPlan, seconds:
             info = [{"error": f"no trial of the study finished ({', '.join(f'{n} {s}' for s, n in states.items())})"
                               + (f"; the first failure: {first}" if first else "")}]
         else:
-            settings = best_settings(model_args, data_args, args, best.params)
-            write_best_yaml(os.path.join(out, BEST_YAML), settings, best, plan, _script_name())
-            info = [{"best": {"number": best.number, "value": best.value, "params": best.params},
+            # what the trial ran with: Optuna's params less the file's fixed values, which it never sampled
+            params = {p.name: p.choices[0] for p in plan.space if p.kind == "fixed"} | best.params
+            settings = best_settings(model_args, data_args, args, params)
+            write_best_yaml(os.path.join(out, BEST_YAML), settings, best, plan, _script_name(task))
+            info = [{"best": {"number": best.number, "value": best.value, "params": params},
                      "states": states, "rows": rows, "plots": draw_plots(study, out)}]
     info = _broadcast(info)[0]
     if "error" in info:
@@ -830,14 +887,15 @@ def report(task, model_args, data_args, args, runtime, plan: StudyPlan, seconds:
         summary["confirm_seconds"] = time.perf_counter() - t0
     if acc.is_main_process:
         reporting.write_json(os.path.join(out, SUMMARY), summary)
-        logger.info("\n".join(last_lines(summary, out, info["rows"], info["plots"])))
+        logger.info("\n".join(last_lines(summary, out, info["rows"], info["plots"], _script_name(task))))
     acc.wait_for_everyone()
     return summary
 
 
-def _script_name() -> str:
-    main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None) or "train_cls.py"
+def _script_name(task) -> str:
+    """The script of the task (train_ner.py ...): where its Task class is defined, also when main() is called
+    from a notebook or a test."""
+    script = getattr(sys.modules.get(type(task).__module__), "__file__", None) or "train_cls.py"
     return os.path.basename(script)
 
 
@@ -856,8 +914,15 @@ def confirm(task, model_args, data_args, args, runtime, plan: StudyPlan, best_pa
         cargs = dataclasses.replace(search_space.apply(args, params), **defaults,
                                     output_dir=os.path.join(args.output_dir, CONFIRM_DIR, label), seeds=seeds,
                                     num_runs=1, overwrite_output_dir=False)
+        runs = plan_runs(cargs)
+        other = [holds_other_job(task, model_args, data_args, cargs, runs) if runtime.accelerator.is_main_process
+                 else None]
+        if _broadcast(other)[0]:  # the study found a new best since these runs: they are replaced
+            logger.info("the %s settings changed since %s was confirmed: confirming them again", label,
+                        cargs.output_dir)
+            cargs = dataclasses.replace(cargs, overwrite_output_dir=True)
         logger.info("confirming the %s settings over %d seeds into %s", label, len(seeds), cargs.output_dir)
-        summary = run_all(task, model_args, data_args, cargs, runtime, plan_runs(cargs))
+        summary = run_all(task, model_args, data_args, cargs, runtime, runs)
         values[label] = [r["metrics"].get(key) for r in summary["runs"]]
         out[label] = summarize(values[label]) | {"values": values[label], "params": params,
                                                  "folder": os.path.join(CONFIRM_DIR, label)}
@@ -884,7 +949,7 @@ def welch(a: list, b: list) -> dict:
     return {"mean": diff, "ci95": [diff - half, diff + half], "dof": dof}
 
 
-def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: list[str]) -> list[str]:
+def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: list[str], script: str) -> list[str]:
     best, states = summary["best_trial"], summary["states"]
     n = sum(states.values())
     parts = ", ".join(f"{states[s]} {s}" for s in ("complete", "pruned", "fail") if states.get(s))
@@ -909,6 +974,6 @@ def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: lis
     folders = [r["folder"] + "/" for r in rows]
     shown = ", ".join(folders) if len(folders) <= 2 else f"{folders[0]} ... {folders[-1]}"
     lines.append(f"output {output_dir}: {', '.join(files)}; one folder per trial: {shown}")
-    lines.append(f"       train the best settings: python {_script_name()} --config "
+    lines.append(f"       train the best settings: python {script} --config "
                  f"{os.path.join(output_dir, BEST_YAML)} --output_dir OUT")
     return lines
