@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,17 @@ def files(tmp_path_factory) -> dict:
     (d / "lr.yaml").write_text(LR_SPACE)
     out["lr"] = str(d / "lr.yaml")
     return out
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Skip drawing PNGs (~0.5 s a run, ~1.5 s a study report) where a test looks at none: the study's plots are
+    checked once, in test_study_outputs_best_yaml_and_continuing, and the runs' in their own tests."""
+    from common.runs import repeats, single_run
+
+    monkeypatch.setattr(single_run, "draw_run_plots", lambda *a, **kw: None)
+    monkeypatch.setattr(repeats, "draw_summary_plots", lambda *a, **kw: None)
+    monkeypatch.setattr(study, "draw_plots", lambda *a, **kw: [])
 
 
 def command(tiny_model, files, out, trials, *extra, space: str | None = "lr") -> list[str]:
@@ -298,16 +310,16 @@ def test_bad_column_stops_the_study_before_the_first_trial(tiny_model, files, tm
 # A study end to end, continued, extended, refused, replaced
 # ---------------------------------------------------------------------------------------------
 
-def test_study_outputs_best_yaml_and_continuing(tiny_model, files, tmp_path):
+def test_study_outputs_best_yaml_and_continuing(tiny_model, files, tmp_path, request):
     out = tmp_path / "study"
     space = space_file(tmp_path, LR_SPACE + "per_device_train_batch_size: [8, 16]\nwarmup_ratio: 0.0\n")
     base = ["--model", tiny_model, "--train_file", files["train"], "--validation_file", files["dev"],
             "--output_dir", str(out), "--hpo_space", space, "--num_train_epochs", "1", "--logging_steps", "2",
             "--mixed_precision", "no", "--hpo_pruner", "median"]
-    summary = train_cls.main(base + ["--hpo_trials", "4"])  # median pruning: trials 0 and 1 run to the end
+    summary = train_cls.main(base + ["--hpo_trials", "3"])  # median pruning: trials 0 and 1 run to the end
 
     table = rows(out)
-    assert [int(r["number"]) for r in table] == [0, 1, 2, 3]
+    assert [int(r["number"]) for r in table] == [0, 1, 2]
     assert {r["state"] for r in table} <= {"complete", "pruned"} and "complete" in {r["state"] for r in table}
     assert list(table[0]) == ["number", "state", "value", "learning_rate", "per_device_train_batch_size", "seconds",
                               "pruned_at_epoch", "folder", "host", "note"]
@@ -328,12 +340,13 @@ def test_study_outputs_best_yaml_and_continuing(tiny_model, files, tmp_path):
     best = max((r for r in table if r["state"] == "complete"), key=lambda r: float(r["value"]))
     assert summary["best_trial"]["number"] == int(best["number"]) and summary["split"] == "validation"
     assert summary["best_trial"]["value"] == pytest.approx(float(best["value"])) and summary["metric"] == "accuracy"
-    assert sum(summary["states"].values()) == 4 and summary["trials"] == 4
+    assert sum(summary["states"].values()) == 3 and summary["trials"] == 3
     assert summary["trials_seconds"] == pytest.approx(sum(float(r["seconds"]) for r in table), abs=0.5)
     assert set(summary["space"]) == {"learning_rate", "per_device_train_batch_size", "warmup_ratio"}
     for png in ("hpo_history.png", "hpo_slice.png", "hpo_importances.png", "hpo_intermediate.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert load(out / "study.json") == {"storage": "sqlite:///" + str(out / "study.db"), "study_name": "study"}
+    request.getfixturevalue("no_plots")  # from here on: the plots were checked
 
     # best.yaml as it is: --config trains the best trial's settings
     text = (out / "best.yaml").read_text()
@@ -354,21 +367,21 @@ def test_study_outputs_best_yaml_and_continuing(tiny_model, files, tmp_path):
     # the same command again: nothing to add
     folders = sorted(os.listdir(out / "trials"))
     with log_lines() as log:
-        train_cls.main(base + ["--hpo_trials", "4"])
-    assert any("(continuing: 4 trials in it)" in line for line in log), log
+        train_cls.main(base + ["--hpo_trials", "3"])
+    assert any("(continuing: 3 trials in it)" in line for line in log), log
     assert not any(line.startswith("trial ") for line in log) and sorted(os.listdir(out / "trials")) == folders
-    assert len(rows(out)) == 4
+    assert len(rows(out)) == 3
 
     # a larger --hpo_trials adds exactly the difference
     with log_lines() as log:
-        summary = train_cls.main(base + ["--hpo_trials", "5"])
-    assert [int(r["number"]) for r in rows(out)] == [0, 1, 2, 3, 4] and sum(summary["states"].values()) == 5
-    assert sum(line.startswith("trial 4: lr ") for line in log) == 1
+        summary = train_cls.main(base + ["--hpo_trials", "4"])
+    assert [int(r["number"]) for r in rows(out)] == [0, 1, 2, 3] and sum(summary["states"].values()) == 4
+    assert sum(line.startswith("trial 3: lr ") for line in log) == 1
 
     # another setting: refused in one sentence, nothing written
     before = tree(out)
     with pytest.raises(UserError) as err:
-        train_cls.main(base + ["--hpo_trials", "5", "--weight_decay", "0.05"])
+        train_cls.main(base + ["--hpo_trials", "4", "--weight_decay", "0.05"])
     assert "was started with other settings (weight_decay differ)" in str(err.value)
     assert "\n" not in str(err.value) and tree(out) == before
 
@@ -400,7 +413,8 @@ class PruneTrials(optuna.pruners.BasePruner):
         return trial.number in self.numbers
 
 
-def test_pruned_diverged_and_out_of_memory_trials_and_the_study_goes_on(tiny_model, files, tmp_path, monkeypatch):
+def test_pruned_diverged_and_out_of_memory_trials_and_the_study_goes_on(tiny_model, files, tmp_path, monkeypatch,
+                                                                       no_plots):
     import torch
 
     from common.training import loop
@@ -458,7 +472,7 @@ def test_pruned_diverged_and_out_of_memory_trials_and_the_study_goes_on(tiny_mod
 
 
 def test_no_finished_trial_is_one_sentence_and_the_last_evaluation_never_prunes(tiny_model, files, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, no_plots):
     monkeypatch.setattr(study, "make_pruner", lambda args, plan: optuna.pruners.ThresholdPruner(lower=2.0))
     out = tmp_path / "pruned"
     with pytest.raises(UserError) as err:
@@ -526,9 +540,9 @@ def test_running_trial_of_a_dead_process_or_machine_is_queued_again(tmp_path):
 # Processes: kill -9, workers, two launches, a multi-process trial
 # ---------------------------------------------------------------------------------------------
 
-def test_kill_9_mid_study_then_the_same_command_finishes_it(tiny_model, files, tmp_path):
+def test_kill_9_mid_study_then_the_same_command_finishes_it(tiny_model, files, tmp_path, no_plots):
     out = tmp_path / "study"
-    argv = command(tiny_model, files, out, 4, "--hpo_pruner", "none", "--logging_steps", "1",
+    argv = command(tiny_model, files, out, 3, "--hpo_pruner", "none", "--logging_steps", "1",
                    "--checkpointing_steps", "2")
     marker = tmp_path / "parked"
     env = dict(os.environ, FAULT_POINT="train", FAULT_STEP="5", FAULT_MARKER=str(marker), FAULT_RUN="trial_002",
@@ -556,71 +570,96 @@ def test_kill_9_mid_study_then_the_same_command_finishes_it(tiny_model, files, t
     table = rows(out)
     assert [(r["number"], r["state"], r["note"]) for r in table] == [
         ("0", "complete", ""), ("1", "complete", ""), ("2", "interrupted", ""),
-        ("3", "complete", "re-run of trial 2"), ("4", "complete", "")]
-    assert summary["states"] == {"complete": 4}
+        ("3", "complete", "re-run of trial 2")]
+    assert summary["states"] == {"complete": 3}
     assert table[3]["folder"] == table[2]["folder"] == "trials/trial_002"
-    assert sorted(os.listdir(out / "trials")) == ["trial_000", "trial_001", "trial_002", "trial_004"]
+    assert sorted(os.listdir(out / "trials")) == ["trial_000", "trial_001", "trial_002"]
     result = load(out / "trials" / "trial_002" / "results.json")
     assert result["train"]["resumed_from"]["step"] == 4 and result["train"]["global_step"] == 6
     assert table[3]["learning_rate"] == table[2]["learning_rate"]
     assert load(out / "trials" / "trial_002" / "trial.json")["number"] == 3
     numbers = [t.number for t in stored(out).trials]
-    assert len(numbers) == len(set(numbers)) == 5
+    assert len(numbers) == len(set(numbers)) == 4
 
 
-def test_two_workers_and_a_second_launch_share_one_study(tiny_model, files, tmp_path):
-    """--hpo_workers 2 in one launch and a plain launch elsewhere, on one SQLite storage, started together:
-    8 trials in all, each once."""
+def test_two_workers_and_a_second_launch_share_one_study(tiny_model, files, tmp_path, no_plots):
+    """Two launches with their own output_dir on one SQLite storage, started together: one a command, the other
+    (main() in this process, as in a notebook) with --hpo_workers 2. 8 trials in all, each run once, none
+    surplus; the workers are processes of train_cls.py with their logs in output_dir/workers/."""
     storage = "sqlite:///" + str(tmp_path / "shared" / "study.db")
     a, b = tmp_path / "a", tmp_path / "b"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_cls.py"),
-                               *command(tiny_model, files, out, 8, "--hpo_storage", storage, *extra)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for out, extra in ((a, ["--hpo_workers", "2"]), (b, []))]
-    for p in procs:
-        _, err = p.communicate(timeout=400)
-        assert p.returncode == 0, err[-3000:]
+    with open(tmp_path / "b.log", "w") as fh:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_cls.py"),
+                                 *command(tiny_model, files, b, 8, "--hpo_storage", storage)], cwd=ROOT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        here = train_cls.main(command(tiny_model, files, a, 8, "--hpo_storage", storage, "--hpo_workers", "2"))
+    finally:
+        assert proc.wait(timeout=240) == 0, (tmp_path / "b.log").read_text()[-3000:]
+
     s = stored(None, storage)
     trials = [t for t in s.get_trials(deepcopy=False) if study.counted(t)]
-    assert len(trials) == 8 and sum(study.counted(t) for t in s.trials) == 8
-    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    numbers = [t.number for t in s.trials]
-    assert len(numbers) == len(set(numbers))
+    assert len(trials) == 8 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert not any(t.user_attrs.get("hpo_surplus") or study.interrupted(t) for t in s.trials)
     owners = {t.user_attrs["hpo_owner"]["pid"] for t in trials}
-    assert len(owners) >= 2
+    assert len(owners) >= 2 and os.getpid() not in owners  # the launch with workers runs no trial itself
+    folders = [f for out in (a, b) for f in os.listdir(out / "trials")]
+    assert sorted(folders) == [f"trial_{t.number:03d}" for t in trials]  # each trial in one folder, once
+    logs = [a / "workers" / f"worker_{i}.log" for i in (1, 2)]
     assert sorted(os.listdir(a / "workers")) == ["worker_1.log", "worker_2.log"]
-    assert all((a / "workers" / f"worker_{i}.log").stat().st_size > 0 for i in (1, 2))
-    folders = {name for out in (a, b) for name in os.listdir(out / "trials")}
-    assert folders == {f"trial_{t.number:03d}" for t in trials}
-    for out in (a, b):  # each launch reports the whole study
-        summary = load(out / "summary.json")
-        assert sum(summary["states"].values()) == 8 and len(rows(out)) == 8
-        assert summary["storage"] == storage
+    assert any(re.search(r"INFO trial \d+: lr ", log.read_text()) for log in logs)
+    assert sum(here["states"].values()) == 8 and len(rows(a)) == 8 and here["storage"] == storage
+    assert sum(load(b / "summary.json")["states"].values()) == 8 and len(rows(b)) == 8
+
+
+PRUNE_TRIAL_1 = """import sys
+sys.path.insert(0, {root!r})
+import optuna
+from common.errors import run_cli
+from common.runs import study
+
+
+class PruneTrial1(optuna.pruners.BasePruner):
+    def prune(self, s, trial):
+        return trial.number == 1
+
+
+study.make_pruner = lambda args, plan: PruneTrial1()
+import train_cls
+
+run_cli(train_cls.main)
+"""
 
 
 def test_multi_process_trials(tiny_model, files, tmp_path):
+    """Trials of a 2-process launch: both processes run every trial; the main process's pruning decision (trial
+    1, at its first evaluation) stops both."""
     out = tmp_path / "two"
+    runner = tmp_path / "prune_trial_1.py"
+    runner.write_text(PRUNE_TRIAL_1.format(root=ROOT))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = run_script("train_cls.py", command(tiny_model, files, out, 2, "--hpo_pruner", "none"), launcher=launcher,
-                      env={"ACCELERATE_USE_CPU": "1"})
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(runner)]
+    proc = subprocess.run([*launcher, *command(tiny_model, files, out, 3)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = load(out / "summary.json")
-    assert summary["states"] == {"complete": 2}
-    for r in rows(out):
+    table = rows(out)
+    assert [r["state"] for r in table] == ["complete", "pruned", "complete"]
+    assert summary["states"] == {"complete": 2, "pruned": 1} and table[1]["pruned_at_epoch"] == "0.33"
+    for r in (table[0], table[2]):
         result = load(out / r["folder"] / "results.json")
         assert result["setup"]["num_processes"] == 2 and result["eval"]["num_examples"] == 32
         assert result["eval"]["accuracy"] == pytest.approx(float(r["value"]))
+    assert load(out / table[1]["folder"] / "trial.json")["state"] == "pruned"
     assert proc.stderr.count("── study done") == 1  # the closing block once, from the main process
-    assert len(stored(out).trials) == 2
+    assert len(stored(out).trials) == 3
 
 
 # ---------------------------------------------------------------------------------------------
 # Confirmation over seeds, k-fold trials
 # ---------------------------------------------------------------------------------------------
 
-def test_confirm_seeds_compares_best_and_default(tiny_model, files, tmp_path):
+def test_confirm_seeds_compares_best_and_default(tiny_model, files, tmp_path, no_plots):
     out = tmp_path / "study"
     argv = command(tiny_model, files, out, 2, "--hpo_confirm_seeds", "2", "--hpo_pruner", "none")
     summary = train_cls.main(argv)
@@ -643,13 +682,8 @@ def test_confirm_seeds_compares_best_and_default(tiny_model, files, tmp_path):
     assert diff["ci95"] is not None and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert load(out / "summary.json")["confirm"] == json.loads(json.dumps(conf))
 
-    # rerun: the study and its confirmation runs are found finished
-    with log_lines() as log:
-        again = train_cls.main(argv)
-    assert sum("finished earlier, skipped" in line for line in log) == 4, log
-    assert again["confirm"]["best"]["values"] == conf["best"]["values"]
-
-    # a better trial joins the study (another machine, say): the confirmation follows the new best
+    # a better trial joins the study (another machine, say), then the command runs again: the default settings'
+    # runs are found finished, the best settings' are replaced by the new best's
     s = stored(out)
     dist = optuna.distributions.FloatDistribution(1e-4, 5e-3, log=True)
     s.add_trial(optuna.trial.create_trial(params={"learning_rate": 1e-3}, distributions={"learning_rate": dist},
@@ -658,12 +692,13 @@ def test_confirm_seeds_compares_best_and_default(tiny_model, files, tmp_path):
         third = train_cls.main(argv[:argv.index("--hpo_trials") + 1] + ["3"] + argv[argv.index("--hpo_trials") + 2:])
     assert third["best_trial"]["number"] == 2 and third["confirm"]["best"]["params"] == {"learning_rate": 1e-3}
     assert any(line.startswith("the best settings changed since") for line in log), log
+    assert sum("finished earlier, skipped" in line for line in log) == 2, log
     used = yaml.safe_load((out / "confirm" / "best" / "seed_42" / "training_args.yaml").read_text())
     assert used["learning_rate"] == pytest.approx(1e-3)
     assert third["confirm"]["default"]["values"] == conf["default"]["values"]
 
 
-def test_kfold_trials_prune_between_folds_and_continue_their_folds(tiny_model, files, tmp_path, monkeypatch):
+def test_kfold_trials_prune_between_folds_and_continue_their_folds(tiny_model, files, tmp_path, monkeypatch, no_plots):
     """A k-fold trial scores the mean of its folds; the pruner sees it after each fold (halving's first rung:
     one fold); a trial killed between its folds continues them when the command runs again."""
     from common.runs import repeats

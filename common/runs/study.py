@@ -116,7 +116,7 @@ def run_study(task, model_args, data_args, args: TrainArguments, runtime, given:
         for note in notes:
             logger.info("search space: %s", note)
     if worker is None and args.hpo_workers > 1:
-        run_workers(args, plan, argv)
+        run_workers(args, plan, argv, _script_file(task))
     else:
         work(task, model_args, data_args, args, runtime, plan, worker)
     if worker is not None:
@@ -146,8 +146,7 @@ def preflight(task, model_args, data_args, args, runtime, space) -> StudyPlan:
     if args.kfold >= 2:  # each fold trains on (k-1)/k of the data
         n = n * (args.kfold - 1) // args.kfold
     del inputs
-    runtime.accelerator.free_memory()
-    gc.collect()
+    runtime.accelerator.free_memory()  # gc.collect() and the device's cache
     if args.kfold >= 2:  # a k-fold trial reports after each fold (1, 2, ... k)
         return StudyPlan(metric, greater, n, space, 1, args.kfold)
     first = first_eval_fraction(args, n, runtime.accelerator.num_processes)
@@ -507,8 +506,7 @@ def work(task, model_args, data_args, args, runtime, plan: StudyPlan, worker: Op
                 finish(study, claimed[0]["trial"], shared, outcome, plan)
             if bar is not None:
                 bar.update(1)
-            acc.free_memory()
-            gc.collect()
+            acc.free_memory()  # the trial's model and optimizer (a full gc.collect, then the device's cache)
 
 
 @contextlib.contextmanager
@@ -689,23 +687,22 @@ def _best(study):
 # Several trials at once on one machine
 # ---------------------------------------------------------------------------------------------
 
-def run_workers(args, plan: StudyPlan, argv: Optional[list]) -> None:
-    """--hpo_workers K: K processes of this very command (WORKER_ENV set), each with 1/K of the cores (or its
-    own GPU when there are K), claim trials from the one study until it has its N. Their logs go to
-    output_dir/workers/; this process shows the progress and reports at the end."""
+def run_workers(args, plan: StudyPlan, argv: Optional[list], script: Optional[str]) -> None:
+    """--hpo_workers K: K processes of this very command (WORKER_ENV set) run by the task's script (also when
+    main() is called from a notebook), each with 1/K of the cores (or its own GPU when there are K), claim
+    trials from the one study until it has its N. Their logs go to output_dir/workers/; this process shows the
+    progress and reports at the end."""
     import torch
 
-    main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None)
     if not script or not script.endswith(".py"):
-        raise UserError("--hpo_workers starts more processes of the script, which needs the script run as a "
-                        "command (python train_cls.py ...), not from a notebook; use --hpo_workers 1 here.")
+        raise UserError("--hpo_workers starts more processes of the script, and this task's script file is not "
+                        "known; run the script as a command (python train_cls.py ...) or use --hpo_workers 1.")
     k = args.hpo_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     logs = os.path.join(args.output_dir, "workers")
     os.makedirs(logs, exist_ok=True)
-    argv = list(argv if argv is not None else sys.argv[1:])
+    argv = [str(a) for a in (argv if argv is not None else sys.argv[1:])]  # a notebook's Paths and numbers
     procs = []
     for i in range(k):
         env = dict(os.environ, **{WORKER_ENV: str(i + 1)})
@@ -892,11 +889,14 @@ def report(task, model_args, data_args, args, runtime, plan: StudyPlan, seconds:
     return summary
 
 
+def _script_file(task) -> Optional[str]:
+    """The task's script (train_ner.py ...): where its Task class is defined, also when main() is called from
+    a notebook, a test or another script."""
+    return getattr(sys.modules.get(type(task).__module__), "__file__", None)
+
+
 def _script_name(task) -> str:
-    """The script of the task (train_ner.py ...): where its Task class is defined, also when main() is called
-    from a notebook or a test."""
-    script = getattr(sys.modules.get(type(task).__module__), "__file__", None) or "train_cls.py"
-    return os.path.basename(script)
+    return os.path.basename(_script_file(task) or "train_cls.py")
 
 
 def confirm(task, model_args, data_args, args, runtime, plan: StudyPlan, best_params: dict) -> dict:
