@@ -261,6 +261,7 @@ def test_space_file_against_the_command(text, kw, given, expect, tmp_path):
     ({"hpo_trials": 4, "seeds": [1, 2]}, "--seeds/--num_runs with --hpo_trials"),
     ({"hpo_trials": 4, "num_runs": 3}, "--seeds/--num_runs with --hpo_trials"),
     ({"hpo_trials": 4, "do_train": False}, "--no_do_train does not train"),
+    ({"hpo_trials": 4, "do_eval": False}, "--no_do_eval evaluates none"),
     ({"hpo_trials": 4, "metric_for_best_model": "test_accuracy"}, "never on a test split"),
     ({"hpo_space": "space.yaml"}, "--hpo_space is a setting of a hyperparameter search; add --hpo_trials N"),
     ({"hpo_storage": "sqlite:///s.db"}, "--hpo_storage is a setting of a hyperparameter search"),
