@@ -552,15 +552,17 @@ def test_kill_9_mid_study_then_the_same_command_finishes_it(tiny_model, files, t
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fault_runner.py"), *argv], cwd=ROOT,
                                 env=env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while not marker.exists():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "trial 2 never reached step 5"
-        time.sleep(0.05)
-    s = stored(out)
-    assert [t.state for t in s.trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.RUNNING]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "trial 2 never reached step 5"
+            time.sleep(0.05)
+        states = [t.state for t in stored(out).trials]
+        assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.RUNNING]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     assert not (out / "trials.csv").exists()
 
     with log_lines() as log:
@@ -596,7 +598,8 @@ def test_two_workers_and_a_second_launch_share_one_study(tiny_model, files, tmp_
     try:
         here = train_cls.main(command(tiny_model, files, a, 8, "--hpo_storage", storage, "--hpo_workers", "2"))
     finally:
-        assert proc.wait(timeout=240) == 0, (tmp_path / "b.log").read_text()[-3000:]
+        proc.wait(timeout=240)
+    assert proc.returncode == 0, (tmp_path / "b.log").read_text()[-3000:]
 
     s = stored(None, storage)
     trials = [t for t in s.get_trials(deepcopy=False) if study.counted(t)]
