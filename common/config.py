@@ -409,6 +409,9 @@ class TrainArguments:
             raise UserError("--hpo_study_name must not be empty.")
         if not self.do_train:
             raise UserError("--hpo_trials searches training settings, but --no_do_train does not train; drop one.")
+        if not self.do_eval:
+            raise UserError("--hpo_trials scores every trial on the validation data, but --no_do_eval evaluates none; "
+                            "drop --no_do_eval.")
         if self.resume_from_checkpoint:
             raise UserError("--resume_from_checkpoint is for single runs; a study (--hpo_trials) continues by itself "
                             "when the same command runs again.")

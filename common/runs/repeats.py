@@ -41,6 +41,14 @@ def _manifest(task, settings: dict, runs: list[PlannedRun]) -> dict:
             "settings": {k: v for k, v in settings.items() if k not in ignore}}
 
 
+def holds_other_job(task, model_args, data_args, args, runs: list[PlannedRun]) -> bool:
+    """Whether output_dir holds a multi-run job with other settings or runs than these (which run_all refuses
+    without --overwrite_output_dir)."""
+    old = _load(os.path.join(args.output_dir, MANIFEST))
+    manifest = _manifest(task, to_jsonable(model_args, data_args, args), runs)
+    return old is not None and old != json.loads(json.dumps(reporting._clean(manifest)))
+
+
 def check_parent(output_dir: str, overwrite: bool, manifest: dict) -> bool:
     """True when output_dir holds an unfinished job with this very plan (continue it)."""
     reporting.check_output_dir(output_dir, True, None)  # file/permission/disk checks

@@ -30,6 +30,9 @@ NOT_SEARCHABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"
                   "resplit_per_seed", "kfold", "do_train", "do_eval", "do_predict", "push_to_hub", "hub_model_id",
                   "hub_token", "hub_private_repo", "report_to", "progress", "teacher_model", "ddp_timeout",
                   "metric_for_best_model", "greater_is_better", "max_eval_samples"}
+# Float settings counted in whole units: a range written in whole numbers searches whole values, as the default
+# space does (epochs {low: 2, high: 5}: 2, 3, 4 or 5); written with decimals ({low: 2.0, high: 5.0}) it is continuous.
+WHOLE_UNITS = {"num_train_epochs"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ def resolve_space(task_name: str, args: TrainArguments, given: set) -> tuple[lis
             p = twice[0]
             raise UserError(f"--hpo_space '{args.hpo_space}' fixes {p.name} to {p.choices[0]}, but the command sets "
                             f"--{p.name} {getattr(args, p.name)}; keep one of them.")
+        _check_values(space, args, args.hpo_space)
         return space, notes
     notes = []
     space = []
@@ -126,16 +130,32 @@ def _check_effect(space: list[Param], args: TrainArguments, path: str) -> None:
                         "--teacher_model; drop it or add a teacher.")
 
 
-def _metadata_choices() -> dict[str, tuple]:
-    """Settings whose values are listed in their field metadata (e.g. lr_scheduler_type)."""
-    return {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(TrainArguments)
-            if f.metadata.get("choices")}
+def _check_values(space: list[Param], args: TrainArguments, path: str) -> None:
+    """Every choice and both ends of every range pass the settings' own checks with the command's other
+    settings (a warm-up ratio of 1, a batch of 0, a bad --checkpointing_steps): refused before the first trial,
+    not found by one of them."""
+    for param in space:
+        ends = [("low ", param.low), ("high ", param.high)] if param.kind in ("float", "int") else \
+            [("", v) for v in param.choices]
+        for label, value in ends:
+            value = int(value) if param.kind == "int" else value
+            try:
+                apply(args, {param.name: value})
+            except UserError as err:
+                shown = f"{label}{value:g}" if label else repr(value)
+                raise UserError(f"--hpo_space file '{path}', {param.name}: {shown} cannot be used: {err}") from None
 
 
 def _settings_types() -> dict[str, Any]:
     hints = typing.get_type_hints(TrainArguments)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainArguments) if f.name not in NOT_SEARCHABLE
             and not f.name.startswith("hpo_")}
+
+
+def _settings_choices() -> dict[str, tuple]:
+    """The values a str setting takes, where its flag lists them (--lr_scheduler_type, --mixed_precision)."""
+    return {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(TrainArguments)
+            if f.metadata.get("choices")}
 
 
 def _base_type(hint) -> Any:
@@ -165,7 +185,7 @@ def read_space(path: str) -> list[Param]:
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"--hpo_space file '{path}' must map settings to ranges or choices, e.g. "
                         "'learning_rate: {low: 1.0e-5, high: 3.0e-4, log: true}' (docs/hpo.md).")
-    types = _settings_types()
+    types, choices = _settings_types(), _settings_choices()
     space = []
     for name, spec in raw.items():
         where = f"--hpo_space file '{path}', {name}"
@@ -176,13 +196,7 @@ def read_space(path: str) -> list[Param]:
                 raise UserError(f"{where}: this setting cannot vary between trials; set it on the command line.")
             raise UserError(f"{where}: not a training setting{closest(name, types)}; the searchable settings are "
                             "the training flags of --help (data and model settings are fixed for a study).")
-        param = _param(name, spec, _base_type(types[name]), where)
-        allowed = _metadata_choices().get(name)
-        if allowed and param.kind in ("choice", "fixed"):
-            bad = [v for v in param.choices if v not in allowed]
-            if bad:
-                raise UserError(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, allowed))}.")
-        space.append(param)
+        space.append(_param(name, spec, _base_type(types[name]), where, choices.get(name)))
     if not any(p.kind != "fixed" for p in space):
         raise UserError(f"--hpo_space file '{path}' fixes every setting it names; give at least one a range or "
                         "a list of choices.")
@@ -197,9 +211,11 @@ def _number(value: Any, kind: type, where: str, key: str) -> float:
     return value
 
 
-def _check_value(value: Any, hint: Any, where: str) -> Any:
-    """One choice or fixed value, of the setting's type (YAML '1e-5' is a string: accepted as a number)."""
-    choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+def _check_value(value: Any, hint: Any, where: str, choices: Optional[tuple] = None) -> Any:
+    """One choice or fixed value, of the setting's type (YAML '1e-5' is a string: accepted as a number) and
+    among its flag's choices (a Literal, or the field's listed ones)."""
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
     if choices is not None:
         if value not in choices:
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}.")
@@ -222,16 +238,16 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     raise UserError(f"{where}: this setting cannot be searched (it takes a {hint}).")
 
 
-def _param(name: str, spec: Any, hint: Any, where: str) -> Param:
+def _param(name: str, spec: Any, hint: Any, where: str, choices: Optional[tuple] = None) -> Param:
     if isinstance(spec, list):
         if len(spec) < 1:
             raise UserError(f"{where}: an empty list of choices.")
-        values = tuple(_check_value(v, hint, where) for v in spec)
+        values = tuple(_check_value(v, hint, where, choices) for v in spec)
         if len(set(values)) != len(values):
             raise UserError(f"{where}: repeated choices ({', '.join(map(str, values))}).")
         return Param(name, "choice" if len(values) > 1 else "fixed", choices=values)
     if not isinstance(spec, dict):
-        return Param(name, "fixed", choices=(_check_value(spec, hint, where),))
+        return Param(name, "fixed", choices=(_check_value(spec, hint, where, choices),))
     unknown = set(spec) - {"low", "high", "log", "step", "choices"}
     if unknown:
         raise UserError(f"{where}: unknown key '{sorted(unknown)[0]}'; use low/high (with log: true or step: S) "
@@ -239,13 +255,14 @@ def _param(name: str, spec: Any, hint: Any, where: str) -> Param:
     if "choices" in spec:
         if set(spec) != {"choices"} or not isinstance(spec["choices"], list):
             raise UserError(f"{where}: 'choices' takes a list and no other key.")
-        return _param(name, spec["choices"], hint, where)
+        return _param(name, spec["choices"], hint, where, choices)
     if hint not in (int, float):
         raise UserError(f"{where}: a range needs a numeric setting; give this one a list of choices.")
     if "low" not in spec or "high" not in spec:
         raise UserError(f"{where}: a range needs both low and high.")
     low, high = (_check_value(spec[k], float, where) for k in ("low", "high"))
-    kind = "int" if hint is int else "float"
+    written_whole = all(type(spec[k]) is int for k in ("low", "high", "step") if spec.get(k) is not None)
+    kind = "int" if hint is int or (name in WHOLE_UNITS and written_whole) else "float"
     if kind == "int":
         low, high = (_number(v, int, where, k) for v, k in ((low, "low"), (high, "high")))
     log = spec.get("log", False)

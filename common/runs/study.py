@@ -44,7 +44,7 @@ from ..training.checkpoint import list_checkpoints
 from ..training.metrics import greater_is_better
 from . import plots, reporting, search_space
 from .plan import plan_runs
-from .repeats import run_all
+from .repeats import holds_other_job, run_all
 from .single_run import prepare_run, run_single
 
 STUDY_DB = "study.db"
@@ -77,8 +77,8 @@ class StudyPlan:
     greater: bool
     train_examples: int
     space: list
-    min_resource: int
-    unit: str = "evaluation"   # what a trial's reported step counts: its evaluations, or with --kfold its folds
+    min_resource: int            # the pruner's first rung: the first evaluation, or the first fold
+    kfold: int = 0               # k-fold trials report after each fold, not at evaluations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def run_study(task, model_args, data_args, args: TrainArguments, runtime, given:
         for note in notes:
             logger.info("search space: %s", note)
     if worker is None and args.hpo_workers > 1:
-        run_workers(args, plan, argv)
+        run_workers(args, plan, argv, _script_file(task))
     else:
         work(task, model_args, data_args, args, runtime, plan, worker)
     if worker is not None:
@@ -145,12 +145,11 @@ def preflight(task, model_args, data_args, args, runtime, space) -> StudyPlan:
     if args.kfold >= 2:  # each fold trains on (k-1)/k of the data
         n = n * (args.kfold - 1) // args.kfold
     del inputs
-    runtime.accelerator.free_memory()
-    gc.collect()
+    runtime.accelerator.free_memory()  # gc.collect() and the device's cache
     # A trial reports its k-th evaluation as step k (a k-fold trial: the running mean over its folds after fold k),
     # so trials of any batch size line up step by step (the median rule compares equal steps); the pruner's
-    # first rung is the first evaluation.
-    return StudyPlan(metric, greater, n, space, 1, "fold" if args.kfold >= 2 else "evaluation")
+    # first rung is the first evaluation (fold).
+    return StudyPlan(metric, greater, n, space, 1, args.kfold if args.kfold >= 2 else 0)
 
 
 def steps_per_epoch(args, examples: int, processes: int) -> int:
@@ -161,14 +160,16 @@ def steps_per_epoch(args, examples: int, processes: int) -> int:
 def trial_args(args: TrainArguments, params: dict, output_dir: str, resume: Optional[str], examples: int,
                processes: int = 1) -> TrainArguments:
     """A trial's settings: the command's, the trial's values, its folder, no study settings. Unless the command
-    sets --eval_steps, a trial evaluates EVALS_PER_EPOCH times per epoch, so the pruner can stop it early."""
+    sets --eval_steps, a trial evaluates EVALS_PER_EPOCH times per epoch, so the pruner can stop it early. A k-fold
+    trial is pruned between folds: its folds keep the command's evaluations, and a re-run of it continues its
+    folds (repeats.run_all skips the finished ones) rather than clearing them."""
     study_defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments) if f.name.startswith("hpo_")}
     out = search_space.apply(args, params)
     # No trial touches a test split (a study is scored on the validation data; --hpo_confirm_seeds runs with the
     # command's own --do_predict).
-    changes: dict[str, Any] = dict(study_defaults, output_dir=output_dir, overwrite_output_dir=True,
+    changes: dict[str, Any] = dict(study_defaults, output_dir=output_dir, overwrite_output_dir=args.kfold < 2,
                                    resume_from_checkpoint=resume, do_predict=False)
-    if examples and out.eval_strategy == "epoch":
+    if examples and out.eval_strategy == "epoch" and args.kfold < 2:
         changes.update(eval_strategy="steps",
                        eval_steps=max(1, round(steps_per_epoch(out, examples, processes) / EVALS_PER_EPOCH)))
     return dataclasses.replace(out, **changes)
@@ -230,6 +231,7 @@ def storage_lock(url: str):
         return
     import fcntl
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -249,38 +251,10 @@ def _silence_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
 
 
-@contextlib.contextmanager
-def heartbeat(storage, study, number: int):
-    """While a trial runs here, its heartbeat in an RDB storage (Optuna beats only inside Study.optimize): a
-    trial whose machine dies stops beating and is failed by the others after the grace period (recover)."""
-    import threading
-
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    if not interval:
-        yield
-        return
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                                number)
-    stop = threading.Event()
-
-    def beat():
-        while not stop.is_set():
-            with contextlib.suppress(Exception):  # a storage hiccup must not end the trial
-                storage.record_heartbeat(trial_id)
-            stop.wait(interval)
-
-    thread = threading.Thread(target=beat, name="hpo-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
 def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dict:
     """Check output_dir (a study of this command continues; anything else is refused unless
-    --overwrite_output_dir) and create or load the study. Main process."""
+    --overwrite_output_dir) and create or load the study; nothing is written in output_dir before the study's
+    settings are found to be this command's. Main process."""
     import optuna
 
     _silence_optuna()
@@ -309,15 +283,19 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=args.hpo_study_name, storage=storage)
         _clear(out)
-    study = optuna.create_study(storage=storage, study_name=args.hpo_study_name, load_if_exists=True,
-                                direction="maximize" if plan.greater else "minimize")
-    stored = study.user_attrs.get("settings")
-    if stored is None:
-        study.set_user_attr("settings", settings)
-        study.set_user_attr("metric", plan.metric)
-        study.set_user_attr("space", {p.name: p.as_dict() for p in plan.space})
-    else:
+    space = {p.name: p.as_dict() for p in plan.space}
+    with storage_lock(url):  # several launches started at once create one storage and its study once
+        study = optuna.create_study(storage=storage, study_name=args.hpo_study_name, load_if_exists=True,
+                                    direction="maximize" if plan.greater else "minimize")
+        stored = study.user_attrs.get("settings")
+        if stored is None:
+            study.set_user_attr("settings", settings)
+            study.set_user_attr("metric", plan.metric)
+            study.set_user_attr("space", space)
+    if stored is not None:
         changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        if study.user_attrs.get("space") != json.loads(json.dumps(space)):
+            changed.append("the --hpo_space file's contents")  # the same path, the file edited since
         if changed:
             raise UserError(f"the study '{args.hpo_study_name}' in {url} was started with other settings "
                             f"({', '.join(changed[:5])} differ); run the command it was started with, pass "
@@ -545,15 +523,44 @@ def work(task, model_args, data_args, args, runtime, plan: StudyPlan, worker: Op
                                                                   if k != "trial"}])[0]
             if shared is None:
                 break
-            with (heartbeat(storage, study, shared["number"]) if acc.is_main_process else contextlib.nullcontext()):
+            with heartbeat(storage, study, shared["number"]) if acc.is_main_process else contextlib.nullcontext():
                 outcome = run_trial(task, model_args, data_args, args, runtime, plan, shared,
                                     claimed[0]["trial"] if claimed[0] else None)
             if acc.is_main_process:
                 finish(study, claimed[0]["trial"], shared, outcome, plan)
             if bar is not None:
                 bar.update(1)
-            acc.free_memory()
-            gc.collect()
+            acc.free_memory()  # the trial's model and optimizer (a full gc.collect, then the device's cache)
+
+
+@contextlib.contextmanager
+def heartbeat(storage, study, number: int):
+    """While a trial runs, record its heartbeat every interval where the storage keeps them (RDB storages), so
+    that a launch on another machine fails and re-queues it once its process is gone (recover)."""
+    import threading
+
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if not interval:
+        yield
+        return
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               number)
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is not the trial's failure
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"hpo-heartbeat-{number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claimed: dict, trial) -> dict:
@@ -561,7 +568,7 @@ def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claim
     acc = runtime.accelerator
     number, params = claimed["number"], claimed["params"]
     started = time.perf_counter()
-    reports: list[tuple[int, float]] = []
+    reports: list[tuple[int, Optional[float], Optional[float]]] = []  # (evaluation or fold, epoch, value)
     head = f"trial {number}" + (f" (re-run of {claimed['retry_of']})" if claimed["retry_of"] is not None else "")
     logger.info("%s: %s%s", head, search_space.short(params) or "the command's settings",
                 ", resuming its latest checkpoint" if claimed["resume"] else "")
@@ -605,8 +612,12 @@ def run_trial(task, model_args, data_args, args, runtime, plan: StudyPlan, claim
             outcome = {"state": "complete", "value": float(value)}
     except Pruned as stop:
         outcome = {"state": "pruned", "value": stop.value, "epoch": stop.epoch}
-        if acc.is_main_process:  # its partial results stay (log, settings); its best-weights checkpoint goes
-            shutil.rmtree(os.path.join(claimed["folder"], "checkpoints"), ignore_errors=True)
+        if acc.is_main_process:  # its partial results stay (log, settings); its checkpoints (a k-fold trial's
+            folder = claimed["folder"]  # in its folds' folders) go: a pruned trial never resumes
+            runs = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("fold_")] \
+                if os.path.isdir(folder) else []
+            for run in [folder, *runs]:
+                shutil.rmtree(os.path.join(run, "checkpoints"), ignore_errors=True)
     except Diverged as err:
         outcome = {"state": "fail", "error": f"diverged: {err}"}
     except UserError as err:  # settings this trial drew that cannot work (the command's were checked before)
@@ -653,10 +664,14 @@ def write_trial_json(folder: str, outcome: dict, plan: StudyPlan) -> None:
     or failed trial keeps these partial results)."""
     os.makedirs(folder, exist_ok=True)
     record = {"number": outcome["number"], "state": outcome["state"], "metric": plan.metric,
-              "value": outcome.get("value"), "params": outcome["params"], "seconds": outcome["seconds"],
-              "pruned_at_epoch": outcome.get("epoch"), "error": outcome.get("error"),
-              "intermediate": [{plan.unit: at, "epoch": epoch, "value": v}
-                               for at, epoch, v in outcome["reports"]]}
+              "value": outcome.get("value"), "params": outcome["params"], "seconds": outcome["seconds"]}
+    if plan.kfold:  # reported after each fold: the mean of the folds so far
+        record.update(pruned_after_fold=outcome.get("epoch") and int(outcome["epoch"]), error=outcome.get("error"),
+                      intermediate=[{"after_fold": at, "value": v} for at, _, v in outcome["reports"]])
+    else:
+        record.update(pruned_at_epoch=outcome.get("epoch"), error=outcome.get("error"),
+                      intermediate=[{"evaluation": at, "epoch": epoch, "value": v}
+                                    for at, epoch, v in outcome["reports"]])
     reporting.write_json(os.path.join(folder, "trial.json"), record)
 
 
@@ -677,10 +692,13 @@ def finish(study, trial, claimed: dict, outcome: dict, plan: StudyPlan) -> None:
     done = sum(n for s, n in counts(trials).items() if s not in ("running", "waiting"))
     best = _best(study)
     value = outcome.get("value")
-    what = {"complete": f"{plan.metric} {value:.4f}",
-            "pruned": f"pruned at epoch {outcome.get('epoch', 0):.2f} ({plan.metric} "
-                      f"{value:.4f})" if value is not None else "pruned",
-            "fail": f"failed: {outcome.get('error')}"}[state]
+    if state == "complete":
+        what = f"{plan.metric} {value:.4f}"
+    elif state == "pruned":
+        where = f"after fold {int(outcome['epoch'])}" if plan.kfold else f"at epoch {outcome['epoch']:.2f}"
+        what = f"pruned {where}" + (f" ({plan.metric} {value:.4f})" if value is not None else "")
+    else:
+        what = f"failed: {outcome['error']}"
     best_text = f"; best {best.value:.4f} (trial {best.number})" if best is not None else ""
     logger.info("trial %d done (%d finished): %s in %s%s", outcome["number"], done, what,
                 progress.duration(outcome["seconds"]), best_text)
@@ -710,23 +728,22 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_workers(args, plan: StudyPlan, argv: Optional[list]) -> None:
-    """--hpo_workers K: K processes of this very command (WORKER_ENV set), each with 1/K of the cores (or its
-    own GPU when there are K), claim trials from the one study until it has its N. Their logs go to
-    output_dir/workers/; this process shows the progress and reports at the end."""
+def run_workers(args, plan: StudyPlan, argv: Optional[list], script: Optional[str]) -> None:
+    """--hpo_workers K: K processes of this very command (WORKER_ENV set) run by the task's script (also when
+    main() is called from a notebook), each with 1/K of the cores (or its own GPU when there are K), claim
+    trials from the one study until it has its N. Their logs go to output_dir/workers/; this process shows the
+    progress and reports at the end."""
     import torch
 
-    main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None)
     if not script or not script.endswith(".py"):
-        raise UserError("--hpo_workers starts more processes of the script, which needs the script run as a "
-                        "command (python train_cls.py ...), not from a notebook; use --hpo_workers 1 here.")
+        raise UserError("--hpo_workers starts more processes of the script, and this task's script file is not "
+                        "known; run the script as a command (python train_cls.py ...) or use --hpo_workers 1.")
     k = args.hpo_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     logs = os.path.join(args.output_dir, "workers")
     os.makedirs(logs, exist_ok=True)
-    argv = list(argv if argv is not None else sys.argv[1:])
+    argv = [str(a) for a in (argv if argv is not None else sys.argv[1:])]  # a notebook's Paths and numbers
     procs = []
     for i in range(k):
         env = dict(os.environ, **{WORKER_ENV: str(i + 1)})
@@ -882,9 +899,11 @@ def report(task, model_args, data_args, args, runtime, plan: StudyPlan, seconds:
             info = [{"error": f"no trial of the study finished ({', '.join(f'{n} {s}' for s, n in states.items())})"
                               + (f"; the first failure: {first}" if first else "")}]
         else:
-            settings = best_settings(model_args, data_args, args, best.params)
-            write_best_yaml(os.path.join(out, BEST_YAML), settings, best, plan, _script_name())
-            info = [{"best": {"number": best.number, "value": best.value, "params": best.params},
+            # what the trial ran with: Optuna's params less the file's fixed values, which it never sampled
+            params = {p.name: p.choices[0] for p in plan.space if p.kind == "fixed"} | best.params
+            settings = best_settings(model_args, data_args, args, params)
+            write_best_yaml(os.path.join(out, BEST_YAML), settings, best, plan, _script_name(task))
+            info = [{"best": {"number": best.number, "value": best.value, "params": params},
                      "states": states, "rows": rows, "plots": draw_plots(study, out)}]
     info = _broadcast(info)[0]
     if "error" in info:
@@ -901,15 +920,19 @@ def report(task, model_args, data_args, args, runtime, plan: StudyPlan, seconds:
         summary["confirm_seconds"] = time.perf_counter() - t0
     if acc.is_main_process:
         reporting.write_json(os.path.join(out, SUMMARY), summary)
-        logger.info("\n".join(last_lines(summary, out, info["rows"], info["plots"])))
+        logger.info("\n".join(last_lines(summary, out, info["rows"], info["plots"], _script_name(task))))
     acc.wait_for_everyone()
     return summary
 
 
-def _script_name() -> str:
-    main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None) or "train_cls.py"
-    return os.path.basename(script)
+def _script_file(task) -> Optional[str]:
+    """The task's script (train_ner.py ...): where its Task class is defined, also when main() is called from
+    a notebook, a test or another script."""
+    return getattr(sys.modules.get(type(task).__module__), "__file__", None)
+
+
+def _script_name(task) -> str:
+    return os.path.basename(_script_file(task) or "train_cls.py")
 
 
 def confirm(task, model_args, data_args, args, runtime, plan: StudyPlan, best_params: dict) -> dict:
@@ -927,8 +950,15 @@ def confirm(task, model_args, data_args, args, runtime, plan: StudyPlan, best_pa
         cargs = dataclasses.replace(search_space.apply(args, params), **defaults,
                                     output_dir=os.path.join(args.output_dir, CONFIRM_DIR, label), seeds=seeds,
                                     num_runs=1, overwrite_output_dir=False)
+        runs = plan_runs(cargs)
+        other = [holds_other_job(task, model_args, data_args, cargs, runs) if runtime.accelerator.is_main_process
+                 else None]
+        if _broadcast(other)[0]:  # the study found a new best since these runs: they are replaced
+            logger.info("the %s settings changed since %s was confirmed: confirming them again", label,
+                        cargs.output_dir)
+            cargs = dataclasses.replace(cargs, overwrite_output_dir=True)
         logger.info("confirming the %s settings over %d seeds into %s", label, len(seeds), cargs.output_dir)
-        summary = run_all(task, model_args, data_args, cargs, runtime, plan_runs(cargs))
+        summary = run_all(task, model_args, data_args, cargs, runtime, runs)
         values[label] = [r["metrics"].get(key) for r in summary["runs"]]
         out[label] = summarize(values[label]) | {"values": values[label], "params": params,
                                                  "folder": os.path.join(CONFIRM_DIR, label)}
@@ -955,7 +985,7 @@ def welch(a: list, b: list) -> dict:
     return {"mean": diff, "ci95": [diff - half, diff + half], "dof": dof}
 
 
-def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: list[str]) -> list[str]:
+def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: list[str], script: str) -> list[str]:
     best, states = summary["best_trial"], summary["states"]
     n = sum(states.values())
     parts = ", ".join(f"{states[s]} {s}" for s in ("complete", "pruned", "fail") if states.get(s))
@@ -980,6 +1010,6 @@ def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: lis
     folders = [r["folder"] + "/" for r in rows]
     shown = ", ".join(folders) if len(folders) <= 2 else f"{folders[0]} ... {folders[-1]}"
     lines.append(f"output {output_dir}: {', '.join(files)}; one folder per trial: {shown}")
-    lines.append(f"       train the best settings: python {_script_name()} --config "
+    lines.append(f"       train the best settings: python {script} --config "
                  f"{os.path.join(output_dir, BEST_YAML)} --output_dir OUT")
     return lines
