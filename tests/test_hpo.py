@@ -237,7 +237,8 @@ def test_resolve_space_default_per_task_less_what_the_command_sets(tmp_path):
 
 
 @pytest.mark.parametrize("text,kw,given,expect", [
-    (LR_SPACE, {}, {"learning_rate"}, "searches learning_rate, which the command also sets (--learning_rate)"),
+    ("weight_decay: 0.0\n" + LR_SPACE, {"weight_decay": 0.05}, {"weight_decay"},
+     "fixes weight_decay to 0.0, but the command sets --weight_decay 0.05"),
     ("num_train_epochs: [1, 2]", {"max_steps": 5}, {"max_steps"}, "searches num_train_epochs, but --max_steps 5"),
     ("distill_alpha: {low: 0.1, high: 0.9}", {}, set(), "searches distill_alpha, a distillation setting"),
 ])
@@ -245,9 +246,14 @@ def test_space_file_against_the_command(text, kw, given, expect, tmp_path):
     path = space_file(tmp_path, text)
     with pytest.raises(UserError, match=expect.replace("(", r"\(").replace(")", r"\)")):
         resolve_space("classification", TrainArguments(hpo_trials=2, hpo_space=path, **kw), given)
-    # a fixed value of a setting the command also sets is no conflict: the file only names it
-    fixed = space_file(tmp_path, LR_SPACE + "weight_decay: 0.0\n", "fixed.yaml")
-    space, _ = resolve_space("classification", TrainArguments(hpo_trials=2, hpo_space=fixed), {"weight_decay"})
+    # searched and given: searched, the command's value the confirmation's baseline (said in the log notes)
+    space, notes = resolve_space("classification", TrainArguments(hpo_trials=2, hpo_space=space_file(
+        tmp_path, LR_SPACE, "lr.yaml"), learning_rate=1e-4), {"learning_rate"})
+    assert [p.name for p in space] == ["learning_rate"] and "the command's 0.0001 is the baseline" in notes[0]
+    # a fixed value equal to the command's is no conflict
+    fixed = space_file(tmp_path, LR_SPACE + "weight_decay: 0.05\n", "fixed.yaml")
+    space, _ = resolve_space("classification", TrainArguments(hpo_trials=2, hpo_space=fixed, weight_decay=0.05),
+                             {"weight_decay"})
     assert [p.kind for p in space] == ["float", "fixed"]
 
 
@@ -323,19 +329,20 @@ def test_study_outputs_best_yaml_and_continuing(tiny_model, files, tmp_path, req
     assert [int(r["number"]) for r in table] == [0, 1, 2]
     assert {r["state"] for r in table} <= {"complete", "pruned"} and "complete" in {r["state"] for r in table}
     assert list(table[0]) == ["number", "state", "value", "learning_rate", "per_device_train_batch_size", "seconds",
-                              "pruned_at_epoch", "folder", "host", "note"]
+                              "pruned_at", "folder", "host", "note"]
     for r in table:
         assert 1e-4 <= float(r["learning_rate"]) <= 5e-3 and r["per_device_train_batch_size"] in ("8", "16")
         assert float(r["seconds"]) > 0 and r["folder"] == f"trials/trial_{int(r['number']):03d}"
         trial = load(out / r["folder"] / "trial.json")
         assert trial["state"] == r["state"] and trial["params"]["learning_rate"] == float(r["learning_rate"])
-        assert trial["intermediate"] and all(0 < i["at_epoch"] <= 1 for i in trial["intermediate"])
+        assert trial["intermediate"] and all(0 < i["epoch"] <= 1 for i in trial["intermediate"])
         assert (out / r["folder"] / "training_args.yaml").exists()
         if r["state"] == "complete":
             result = load(out / r["folder"] / "results.json")
             assert result["eval"]["accuracy"] == pytest.approx(float(r["value"]))
             # three evaluations per epoch unless the command sets --eval_steps: the pruner's points
-            assert [i["at_epoch"] for i in trial["intermediate"]] == [0.33, 0.67, 1.0]
+            assert [(i["evaluation"], round(i["epoch"], 2)) for i in trial["intermediate"]] == [(1, 0.33), (2, 0.67),
+                                                                                              (3, 1.0)]
     on_disk = load(out / "summary.json")
     assert on_disk == json.loads(json.dumps(summary))
     best = max((r for r in table if r["state"] == "complete"), key=lambda r: float(r["value"]))
@@ -454,11 +461,11 @@ def test_pruned_diverged_and_out_of_memory_trials_and_the_study_goes_on(tiny_mod
     assert table[2]["note"].startswith("diverged: the training loss became NaN/inf at optimizer step 3")
     assert table[4]["note"] == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
     for n in (1, 3):  # stopped at their first evaluation (epoch 1/3), partial results kept, checkpoints gone
-        assert table[n]["pruned_at_epoch"] == "0.33" and float(table[n]["value"]) >= 0
+        assert table[n]["pruned_at"] == "0.33" and float(table[n]["value"]) >= 0
         folder = out / table[n]["folder"]
         trial = load(folder / "trial.json")
         assert trial["state"] == "pruned" and trial["pruned_at_epoch"] == pytest.approx(1 / 3, abs=0.01)
-        assert [i["at_epoch"] for i in trial["intermediate"]] == [0.33]
+        assert [(i["evaluation"], round(i["epoch"], 2)) for i in trial["intermediate"]] == [(1, 0.33)]
         assert trial["intermediate"][0]["value"] == pytest.approx(float(table[n]["value"]))
         assert not (folder / "checkpoints").exists() and (folder / "log_history.jsonl").exists()
         assert not (folder / "results.json").exists()
@@ -484,7 +491,7 @@ def test_no_finished_trial_is_one_sentence_and_the_last_evaluation_never_prunes(
     last = tmp_path / "last"
     summary = train_cls.main(command(tiny_model, files, last, 1, "--max_steps", "2", "--eval_steps", "2"))
     assert summary["states"] == {"complete": 1}
-    assert [i["at_epoch"] for i in load(last / "trials" / "trial_000" / "trial.json")["intermediate"]] == [0.33]
+    assert [round(i["epoch"], 2) for i in load(last / "trials" / "trial_000" / "trial.json")["intermediate"]] == [0.33]
 
 
 def test_surplus_trial_of_a_concurrent_claim_is_dropped(tmp_path, monkeypatch):
@@ -649,7 +656,7 @@ def test_multi_process_trials(tiny_model, files, tmp_path):
     summary = load(out / "summary.json")
     table = rows(out)
     assert [r["state"] for r in table] == ["complete", "pruned", "complete"]
-    assert summary["states"] == {"complete": 2, "pruned": 1} and table[1]["pruned_at_epoch"] == "0.33"
+    assert summary["states"] == {"complete": 2, "pruned": 1} and table[1]["pruned_at"] == "0.33"
     for r in (table[0], table[2]):
         result = load(out / r["folder"] / "results.json")
         assert result["setup"]["num_processes"] == 2 and result["eval"]["num_examples"] == 32
@@ -714,7 +721,7 @@ def test_kfold_trials_prune_between_folds_and_continue_their_folds(tiny_model, f
     halving = study.make_pruner
 
     def prune_trial_2(args, plan):
-        first_rungs.append((halving(args, plan)._min_resource, plan.min_resource))
+        first_rungs.append((halving(args, plan).inner._min_resource, plan.min_resource))
         return PruneTrials({2})
 
     monkeypatch.setattr(study, "make_pruner", prune_trial_2)
@@ -751,4 +758,4 @@ def test_kfold_trials_prune_between_folds_and_continue_their_folds(tiny_model, f
     trial = load(pruned / "trial.json")
     assert trial["state"] == "pruned" and trial["pruned_after_fold"] == 1 and len(trial["intermediate"]) == 1
     assert float(table[2]["value"]) == pytest.approx(trial["intermediate"][0]["value"])
-    assert table[2]["pruned_at_epoch"] == ""
+    assert table[2]["pruned_at"] == "1"  # the fold after which it stopped

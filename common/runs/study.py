@@ -683,7 +683,8 @@ def finish(study, trial, claimed: dict, outcome: dict, plan: StudyPlan) -> None:
     if state == "complete":
         study.tell(trial, outcome["value"])
     elif state == "pruned":
-        trial.set_user_attr("hpo_pruned_at_epoch", outcome.get("epoch"))
+        at = outcome.get("epoch")  # the epoch where it stopped (--kfold: the fold after which it stopped)
+        trial.set_user_attr("hpo_pruned_at", (int(at) if plan.kfold else round(at, 2)) if at is not None else None)
         study.tell(trial, state=TrialState.PRUNED)
     else:
         trial.set_user_attr("hpo_failure", outcome["error"][:500])
@@ -800,7 +801,7 @@ def trial_rows(study, plan: StudyPlan) -> list[dict]:
                "value": t.value if t.value is not None else (last if state == "pruned" else None),
                **{p.name: t.params.get(p.name) for p in plan.space if p.kind != "fixed"},
                "seconds": round(seconds, 1) if seconds is not None else None,
-               "pruned_at": t.user_attrs.get("hpo_pruned_at_epoch") if state == "pruned" else None,
+               "pruned_at": t.user_attrs.get("hpo_pruned_at") if state == "pruned" else None,
                "folder": os.path.join(TRIALS_DIR, t.user_attrs.get("hpo_folder") or trial_folder(t.number)),
                "host": (t.user_attrs.get("hpo_owner") or {}).get("host"),
                "note": t.user_attrs.get("hpo_failure") or (f"re-run of trial {t.user_attrs['hpo_retry_of']}"
