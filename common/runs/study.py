@@ -1002,11 +1002,13 @@ def last_lines(summary: dict, output_dir: str, rows: list[dict], plot_files: lis
         ci = f" (95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})" if d.get("ci95") else ""
         lines.append(f"confirm {len(conf['seeds'])} seeds, {conf['metric']}: best {fmt(conf['best'])}, default "
                      f"{fmt(conf['default'])}; difference {d['mean']:+.4f}{ci}")
-    time_line = (f"time   {progress.duration(summary['study_seconds'])} this invocation "
-                 f"(trials {progress.duration(summary['trials_seconds'])} in all")
+    # this invocation: the search (its trials may have run in earlier ones too), then the confirmation
+    time_line = (f"time   search {progress.duration(summary['study_seconds'])} in this invocation (trials "
+                 f"{progress.duration(summary['trials_seconds'])} in all)")
     if summary.get("confirm_seconds"):
-        time_line += f", confirmation {progress.duration(summary['confirm_seconds'])}"
-    lines.append(time_line + ")")
+        time_line += (f" + confirmation {progress.duration(summary['confirm_seconds'])} = "
+                      f"{progress.duration(summary['study_seconds'] + summary['confirm_seconds'])}")
+    lines.append(time_line)
     files = [f for f in (BEST_YAML, TRIALS_CSV, SUMMARY, *plot_files) if os.path.isfile(os.path.join(output_dir, f))]
     folders = [r["folder"] + "/" for r in rows]
     shown = ", ".join(folders) if len(folders) <= 2 else f"{folders[0]} ... {folders[-1]}"
