@@ -197,6 +197,8 @@ def _local_file(url: str) -> Optional[str]:
 def make_storage(url: str):
     import optuna
 
+    _silence_optuna()  # the heartbeat arguments are "experimental" to Optuna
+
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
