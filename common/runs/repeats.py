@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -101,9 +100,7 @@ def run_all(task, model_args, data_args, args, runtime, runs: list[PlannedRun],
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if not continuing:
-            for name in os.listdir(args.output_dir):
-                path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+            reporting.clear_folder(args.output_dir)
         reporting.write_json(os.path.join(args.output_dir, MANIFEST), manifest)
         reporting.save_resolved_config(args.output_dir, settings)
     accelerator.wait_for_everyone()

@@ -70,15 +70,20 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
                             "pass --overwrite_output_dir or choose another folder.")
 
 
+def clear_folder(folder: str) -> None:
+    """Remove everything in `folder` (links themselves, not what they point to); the folder stays."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+
+
 def start_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main: bool) -> None:
     """Create output_dir; a fresh (non-resumed) run clears what an earlier run left there."""
     if not is_main:
         return
     os.makedirs(output_dir, exist_ok=True)
     if overwrite and not resuming:
-        for name in os.listdir(output_dir):
-            path = os.path.join(output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        clear_folder(output_dir)
     elif not resuming:
         for stale in (LOG_HISTORY, RESULTS):
             if os.path.exists(os.path.join(output_dir, stale)):

@@ -279,12 +279,12 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
                                 f"{old.get('storage')}; rerun with those --hpo_storage/--hpo_study_name to continue "
                                 "it, pass --overwrite_output_dir to replace it, or choose another folder.")
     if replace and not args.hpo_storage:  # the default storage is a file in the folder: cleared with it
-        _clear(out)
+        reporting.clear_folder(out)
     storage = make_storage(url)  # a bad URL, server or driver is refused before anything is written
     if replace and args.hpo_storage:  # the study lives elsewhere: replaced too
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=args.hpo_study_name, storage=storage)
-        _clear(out)
+        reporting.clear_folder(out)
     space = {p.name: p.as_dict() for p in plan.space}
     with storage_lock(url):  # several launches started at once create one storage and its study once
         study = optuna.create_study(storage=storage, study_name=args.hpo_study_name, load_if_exists=True,
@@ -308,12 +308,6 @@ def open_study(args, plan: StudyPlan, settings: dict, fresh_folder: bool) -> dic
         os.makedirs(os.path.join(out, TRIALS_DIR), exist_ok=True)
         reporting.write_json(marker_path, marker)
     return {"note": note}
-
-
-def _clear(folder: str) -> None:
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def _load_json(path: str) -> Optional[dict]:
