@@ -285,6 +285,21 @@ class TrainArguments:
         group="distillation"))
     init_student_layers: Optional[str] = field(default=None, metadata=_help(
         "Build the model from these 0-based layers of --model.", group="distillation", metavar="L,L,..."))
+    # The transfer set (common/training/transfer.py, common/data/augment.py, docs/distillation.md)
+    distill_augment: int = field(default=0, metadata=_help(
+        "TinyBERT's augmentation: N word-replaced variants of each training example, labelled by the teacher.",
+        group="distillation", metavar="N"))
+    augment_model: Optional[str] = field(default=None, metadata=_help(
+        "Masked LM that proposes the replacements (default: the teacher, if it has an MLM head).",
+        group="distillation", metavar="ID|DIR"))
+    augment_top_k: int = field(default=15, metadata=_help(
+        "Candidates per word: the masked LM's top K, or K embedding neighbours.", group="distillation",
+        metavar="K"))
+    augment_prob: float = field(default=0.4, metadata=_help(
+        "Probability that a word is replaced in a variant.", group="distillation", metavar="P"))
+    distill_unlabeled_file: Optional[str] = field(default=None, metadata=_help(
+        "Text without labels (the training text columns; sentences for NER) for the teacher to label.",
+        group="distillation", metavar="FILE"))
     # Hyperparameter search (common/runs/study.py, common/runs/search_space.py, docs/hpo.md)
     hpo_trials: int = field(default=0, metadata=_help(
         "A study of N trials (Optuna), each a run in output_dir/trials/.", group="search", metavar="N"))
@@ -453,6 +468,22 @@ class TrainArguments:
             raise UserError("--torch_compile with intermediate-layer distillation (--distill_hidden/"
                             "--distill_attention/--distill_embeddings) has not been tested (the losses tap the "
                             "compiled layers); drop one of them.")
+        if self.distill_augment < 0 or self.augment_top_k < 1 or not 0 < self.augment_prob <= 1:
+            raise UserError(f"--distill_augment must be >= 0 (got {self.distill_augment}), --augment_top_k >= 1 (got "
+                            f"{self.augment_top_k}) and --augment_prob in (0, 1] (got {self.augment_prob}).")
+        augment_flags = [f for f, given in (("--augment_model", self.augment_model is not None),
+                                             ("--augment_top_k", self.augment_top_k != 15),
+                                             ("--augment_prob", self.augment_prob != 0.4)) if given]
+        if augment_flags and not self.distill_augment:
+            raise UserError(f"{', '.join(augment_flags)} set(s) up --distill_augment N, which is not given; add "
+                            "--distill_augment N (e.g. 20) or drop them.")
+        transfer = [f for f, given in (("--distill_augment", self.distill_augment > 0),
+                                       ("--distill_unlabeled_file", self.distill_unlabeled_file)) if given]
+        if transfer and not self.teacher_model:
+            raise UserError(f"{', '.join(transfer)} add(s) rows for a teacher to label: pass --teacher_model PATH.")
+        if transfer and self.distill_alpha == 1 and not self.intermediate_losses():
+            raise UserError(f"{', '.join(transfer)} with --distill_alpha 1 and no intermediate loss: the added rows "
+                            "have no labels and nothing would learn from them; lower --distill_alpha (e.g. 0.5).")
         if (self.teacher_model or self.init_student_layers) and not self.do_train:
             raise UserError("--teacher_model and --init_student_layers build and train a student; drop them with "
                             "--no_do_train.")

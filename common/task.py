@@ -40,8 +40,10 @@ order, the loop, evaluation, checkpoints, outputs, repeated runs) is shared.
 | `compute_metrics(outputs)` | required | after gathering: metrics from key -> np.ndarray | all |
 | `supports_distillation` | False | --teacher_model: True if `distill_mask` and `loss_from_logits` are given | all |
 | `distill_mask(batch)` | required to distil | distilled logits: bool mask of logits.shape[:-1], one item each | all |
+| `without_labels(batch, keep)` | required for a transfer set | the batch, hard labels of rows not kept ignored | all |
 | `state_for_saving(model, state_dict)` | `state_dict` | before save_pretrained: drops training-only weights | main |
 | `report()` | `{}` | results.json sections of the objective (distillation settings) | all |
+| `output_files()` | `{}` | name -> text written into output_dir with the results (augment_samples.txt) | main |
 """
 from __future__ import annotations
 
@@ -84,6 +86,19 @@ class PreparedData:
     info: dict = field(default_factory=dict)      # goes to results.json["data"]
     identity: dict = field(default_factory=dict)  # checked on resume
     state: Any = None                             # the task's own facts from its data (labels, offsets, ...)
+    transfer: Any = None                          # TextSource: what distillation's transfer set is built from
+
+
+@dataclass
+class TextSource:
+    """A task's training text as words, for distillation's transfer set (training/transfer.py): TinyBERT's
+    augmented variants and unlabelled rows, tokenized like the training set and labelled by the teacher."""
+    fields: list          # the text fields of a row: the text columns (a pair: 2) or ["tokens"] (NER)
+    pool: Any             # the tokenized training pool (datasets.Dataset with row_id); data.train selects from it
+    row_words: Any        # [row_id] -> per row, [words of each field]
+    encode: Any           # (rows: [[words of each field]], row_ids: [int, -1 unlabelled]) -> the pool's columns
+    read_unlabeled: Any   # path -> [[words of each field]] (one sentence in the text's own units, no labels)
+    where: str = ""       # the training data, for messages
 
 
 @dataclass
@@ -136,10 +151,19 @@ class Objective:
         """Which logits are distilled (one item each): a bool tensor of logits.shape[:-1]."""
         raise NotImplementedError
 
+    def without_labels(self, batch: dict, keep: torch.Tensor) -> dict:
+        """The batch with the hard labels of the examples where `keep` (batch,) is False made ignored (no loss,
+        still distilled: a transfer set's variants and unlabelled rows)."""
+        raise NotImplementedError
+
     def state_for_saving(self, model, state_dict: dict) -> dict:
         return state_dict
 
     def report(self) -> dict:
+        return {}
+
+    def output_files(self) -> dict:
+        """name -> text of files written into output_dir with the results (main process)."""
         return {}
 
 

@@ -11,8 +11,9 @@ from torch.utils.data import Sampler
 # Padding values per key; keys not listed are stacked as they are (scalar labels, row ids).
 PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": -100,
               "special_tokens_mask": 1, "word_ids": -1, "word_start": 1}
-# Scalar keys batched too: row ids, labels, and the training example's position (distill.py's cached logits).
-SCALAR_KEYS = ("row_id", "labels", "example_index")
+# Scalar keys batched too: row ids, labels, the training example's position (distill.py's cached logits) and
+# whether its labels are gold (a transfer set's variants and unlabelled rows are not: training/transfer.py).
+SCALAR_KEYS = ("row_id", "labels", "example_index", "gold")
 
 
 def pad_multiple(args, accelerator) -> Optional[int]:

@@ -211,6 +211,29 @@ def read_splits(a, cache_dir: Optional[str]) -> dict:
     return splits
 
 
+def read_unlabeled(path: str, a) -> list:
+    """--distill_unlabeled_file: sentences as word lists. A text file with one sentence per line (no blank line,
+    lines of different word counts), a CoNLL column file (tags, if any, not read) or a table with a tokens
+    column (a tag column, if any, not read); `a`: the data arguments."""
+    flag = "--distill_unlabeled_file"
+    if file_layout(path, flag, a) == "lines":
+        lines = [ln for ln in read_text(path, flag, a.encoding).split("\n")]
+        while lines and not lines[-1].strip(_ASCII_SPACE):
+            lines.pop()
+        counts = {len(split_words(ln)) for ln in lines}
+        if lines and 0 not in counts and len(counts) > 1 and "\t" not in "".join(lines):
+            sentences = [split_words(ln) for ln in lines]
+        else:
+            sentences = read_conll(path, flag, -1, False, a.encoding).tokens
+    else:
+        sentences = read_table_sentences(path, flag, a.tokens_column, a.tags_column, False, a.sentence_id_column,
+                                         a.encoding, a.column_names, a.delimiter).tokens
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        raise UserError(f"{flag} '{path}' holds no sentences.")
+    return [[list(map(str, s))] for s in sentences]
+
+
 def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tags_column: Optional[str],
                          labelled_required: bool, sentence_id_column: Optional[str] = None, encoding: str = "utf-8",
                          column_names: Optional[Sequence[str]] = None, delimiter: Optional[str] = None) -> Sentences:

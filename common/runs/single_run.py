@@ -176,6 +176,8 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     for key, value in saved_extra.items():  # sections are merged: after_save adds to what extra_results gave
         results[key] = {**results.get(key, {}), **value} if isinstance(value, dict) else value
     if accelerator.is_main_process:
+        for name, text in inputs.objective.output_files().items():  # distillation: augment_samples.txt
+            reporting.write_text_atomic(os.path.join(args.output_dir, name), text)
         write_outputs(task, ctx, data, results, trainer.metric)
     trainer.cleanup_best()
     t_upload = time.perf_counter()

@@ -46,6 +46,7 @@ from ..errors import UserError
 from ..files import honour_umask
 from ..log import logger
 from ..task import Objective, model_inputs
+from . import transfer
 from .models import encoder_layers, load_config, load_pretrained, load_tokenizer
 
 FLAG = "--teacher_model"
@@ -119,11 +120,13 @@ def layer_map(args, student_layers: int, teacher_layers: int) -> list[list[int]]
 # ---------------------------------------------------------------------------------------------
 
 class WithIndex(torch.utils.data.Dataset):
-    """The training set with each example's position as `example_index` (the key of its cached logits); every
-    other use (columns by name, select_columns, ...) goes to the wrapped datasets.Dataset, nothing is copied."""
+    """The training set with each example's position (or `index[position]`) as `example_index` (the key of its
+    cached logits); every other use (columns by name, select_columns, ...) goes to the wrapped datasets.Dataset,
+    nothing is copied."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, index=None):
         self.dataset = dataset
+        self.index = index  # row i's logits are the store's example index[i] (a transfer set's selection)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -131,7 +134,7 @@ class WithIndex(torch.utils.data.Dataset):
     def __getitem__(self, key):
         if isinstance(key, str):
             return self.dataset[key]
-        return {**self.dataset[int(key)], "example_index": int(key)}
+        return {**self.dataset[int(key)], "example_index": int(key) if self.index is None else int(self.index[key])}
 
     def __getitems__(self, keys: list) -> list:
         return [self[k] for k in keys]
@@ -356,6 +359,7 @@ class DistillObjective(Objective):
         self.hidden_pairs = ([(0, 0)] if "embeddings" in self.losses else []) + (
             [(s + 1, t + 1) for s, t in pairs] if "hidden" in self.losses else [])
         self.info = info or {}
+        self.samples = ""  # the transfer set's variants for a person to read (augment_samples.txt)
 
     # the task's own
     def after_prepare(self, model) -> None:
@@ -378,6 +382,9 @@ class DistillObjective(Objective):
 
     def report(self) -> dict:
         return {"distillation": self.info}
+
+    def output_files(self) -> dict:
+        return {transfer.SAMPLES: self.samples} if self.samples else {}
 
     def state_for_saving(self, model, state_dict: dict) -> dict:
         return {k: v for k, v in state_dict.items() if not k.startswith(PROJECTION + ".")}
@@ -403,7 +410,9 @@ class DistillObjective(Objective):
             out = model(**inputs, output_hidden_states=bool(self.hidden_pairs))
         logits = out.logits
         if self.prediction:
-            loss = self.alpha * self.base.loss_from_logits(logits, batch)
+            # a transfer set's variants and unlabelled rows (gold 0) have no hard labels: soft loss only
+            hard = self.base.without_labels(batch, batch["gold"].bool()) if "gold" in batch else batch
+            loss = self.alpha * self.base.loss_from_logits(logits, hard)
             if self.alpha < 1:
                 flat = logits.reshape(items.shape[0], items.shape[1], logits.shape[-1])
                 target = (teacher.logits.reshape(flat.shape) if teacher is not None
@@ -480,6 +489,13 @@ def setup(task, ctx, data, built, objective: Objective, collator) -> DistillObje
             "projection": [s_config.hidden_size, t_config.hidden_size] if projection else None}
     data.identity["distillation"] = {k: info[k] for k in ("teacher_fingerprint", "alpha", "temperature", "prediction",
                                                           "intermediate", "layer_map")}
+    built_transfer = None
+    if transfer.wanted(args):  # TinyBERT's augmented variants and/or unlabelled rows, for the teacher to label
+        built_transfer = transfer.build(task, ctx, data)
+        info["transfer"] = built_transfer.info
+        data.identity["distillation"]["transfer"] = transfer.identity(built_transfer.info)
+        data.train = built_transfer.train
+        ctx.timings["transfer_seconds"] = built_transfer.info["build_seconds"]
     per_step = bool(losses) or not args.distill_cache_logits
     needs_logits = args.distill_prediction and args.distill_alpha < 1
     teacher, store, taps = None, None, (None, None)
@@ -493,26 +509,33 @@ def setup(task, ctx, data, built, objective: Objective, collator) -> DistillObje
     elif needs_logits:
         from .build import eval_batch_size
 
-        key = hashlib.sha256(json.dumps([CACHE_VERSION, fingerprint, data_fingerprint(data.train), acc.mixed_precision,
+        labelled = built_transfer.pool if built_transfer is not None else data.train  # what the teacher scores
+        key = hashlib.sha256(json.dumps([CACHE_VERSION, fingerprint, data_fingerprint(labelled), acc.mixed_precision,
                                          acc.device.type]).encode()).hexdigest()[:24]
 
         def compute() -> LogitStore:  # not cached yet: the one slow part of a distillation's start
-            with progress.phase("computing the teacher's logits", f"{len(data.train):,} training examples, "
-                                "cached for later runs"):
+            what = "training examples" if built_transfer is None else "rows of the transfer set"
+            with progress.phase("computing the teacher's logits", f"{len(labelled):,} {what}, cached for later runs"):
                 model = load_teacher(task, ctx)
-                store = compute_logits(model, objective, data.train, collator, acc, eval_batch_size(args, acc.device))
+                store = compute_logits(model, objective, labelled, collator, acc, eval_batch_size(args, acc.device))
             del model
             gc.collect()
             return store
 
-        store, hit = cached_logits(key, len(data.train), compute, acc, ctx.data_args.overwrite_cache)
+        t_logits = time.perf_counter()
+        store, hit = cached_logits(key, len(labelled), compute, acc, ctx.data_args.overwrite_cache)
+        if built_transfer is not None:
+            built_transfer.info["label_seconds"] = round(time.perf_counter() - t_logits, 2)
+            built_transfer.info["logits_mb"] = round(store.values.numel() * 4 / 2**20, 2)
         store = LogitStore(store.values.to(acc.device), store.offsets.to(acc.device))
-        data.train = WithIndex(data.train)
+        data.train = WithIndex(data.train, None if built_transfer is None else built_transfer.index)
         info.update(teacher_logits="cached", cache={"key": key, "hit": hit, "items": len(store.values)})
     else:
         logger.warning("--distill_alpha 1 without intermediate losses: the teacher is not used")
         info["teacher_logits"] = "not used"
     info["teacher_seconds"] = ctx.timings["teacher_seconds"] = time.perf_counter() - started
-    logger.info("distilling from %s: %s", name, ", ".join(f"{k}={v}" for k, v in info.items()
-                                                             if k not in ("teacher", "teacher_fingerprint")))
-    return DistillObjective(objective, args, pairs, teacher, store, projection, taps, acc.autocast, info)
+    hidden = ("teacher", "teacher_fingerprint", "transfer")
+    logger.info("distilling from %s: %s", name, ", ".join(f"{k}={v}" for k, v in info.items() if k not in hidden))
+    wrapped = DistillObjective(objective, args, pairs, teacher, store, projection, taps, acc.autocast, info)
+    wrapped.samples = built_transfer.samples if built_transfer is not None else ""
+    return wrapped
