@@ -5,7 +5,8 @@ For every word of a sentence the augmenter finds up to `top_k` candidate replace
   (one masked copy of the sentence per word, the LM head applied at the masked position only);
 - any other word (several pieces): its nearest neighbours by cosine similarity in the masked LM's input
   embeddings (the word's vector is the mean of its pieces'), among the vocabulary's whole-word tokens;
-- words without a letter or digit (punctuation) are never replaced.
+- words without a letter or digit (punctuation) are never replaced; a word with letters gets candidates with
+  letters, a number candidates with digits.
 A variant then replaces each word that has candidates with probability `prob` by one of them, drawn uniformly;
 `n` variants are drawn per example, duplicates of the original or of each other are dropped. The draw is seeded
 by the run's seed and the example's own words (never its position or the process that builds it), so a seed
@@ -28,6 +29,13 @@ Words = list  # list[str]: one sentence as words
 def is_word(word: str) -> bool:
     """A word that may be replaced: it has a letter or a digit."""
     return any(ch.isalnum() for ch in word)
+
+
+def same_kind(candidate: str, original: str) -> bool:
+    """A number is replaced by a number, a word with letters by a word with letters (no '1998' -> 'rome')."""
+    if any(ch.isalpha() for ch in original):
+        return any(ch.isalpha() for ch in candidate)
+    return any(ch.isdigit() for ch in candidate)
 
 
 def match_case(candidate: str, original: str) -> str:
@@ -149,11 +157,12 @@ class Augmenter:
             with torch.inference_mode(), self.autocast():
                 logits = self._mlm_logits(ids.to(self.device), att.to(self.device), pos.to(self.device))
             logits = logits.masked_fill(~self.valid[: logits.shape[-1]], float("-inf"))
-            top = logits.topk(min(self.top_k + 5, logits.shape[-1]), dim=-1).indices.cpu().tolist()
+            top = logits.topk(min(2 * self.top_k + 5, logits.shape[-1]), dim=-1).indices.cpu().tolist()
             for r, j in enumerate(chunk):
                 original = jobs[j][2].lower()
                 words = [self.vocab.words[t] for t in top[r]]
-                out[j] = [w for w in dict.fromkeys(words) if w and w.lower() != original][: self.top_k]
+                out[j] = [w for w in dict.fromkeys(words) if w and w.lower() != original
+                          and same_kind(w, jobs[j][2])][: self.top_k]
         return out
 
     # -- embedding neighbours ---------------------------------------------------------------------------------
@@ -175,10 +184,11 @@ class Augmenter:
             for r, p in enumerate(pieces):  # never the word's own pieces
                 sims[r, torch.tensor(p, device=sims.device)] = float("-inf")
             sims = sims.masked_fill(~self.valid[: sims.shape[-1]], float("-inf"))
-            top = sims.topk(min(self.top_k + 5, sims.shape[-1]), dim=-1).indices.cpu().tolist()
+            top = sims.topk(min(2 * self.top_k + 5, sims.shape[-1]), dim=-1).indices.cpu().tolist()
             for w, t in zip(part, top):
                 cands = [self.vocab.words[i] for i in t]
-                self._neighbours[w] = [c for c in dict.fromkeys(cands) if c and c.lower() != w.lower()][: self.top_k]
+                self._neighbours[w] = [c for c in dict.fromkeys(cands)
+                                       if c and c.lower() != w.lower() and same_kind(c, w)][: self.top_k]
 
     # -- per sentence -----------------------------------------------------------------------------------------
     def candidates(self, sentences: Sequence[Words]) -> list[list[list[str]]]:
