@@ -10,7 +10,6 @@ From a notebook: `notebook_launcher(main, (argv,), num_processes=N)`. See README
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataSourceArguments
+from common.data.augment import read_unlabeled_table, text_words
 from common.data.labels import (
     describe_columns,
     forgotten_pair,
@@ -96,37 +96,6 @@ def read_splits(a: ClsDataArguments, model_args) -> tuple[dict, dict]:
             splits[split] = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
             where[split] = f"{flag} '{path}'"
     return splits, where
-
-
-_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]", re.UNICODE)
-
-
-def text_words(value) -> list:
-    """A text as words for augmentation: letter/digit runs (inner apostrophes and hyphens kept) and single
-    punctuation marks; a variant is its words joined by spaces."""
-    return _WORD.findall(str(value)) if value is not None else []
-
-
-def read_unlabeled(path: str, fields: list, a) -> list:
-    """--distill_unlabeled_file: rows of the training text columns (a label column, if any, is not read)."""
-    flag = "--distill_unlabeled_file"
-    df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
-    missing = [c for c in fields if c not in df.columns]
-    if missing:
-        raise UserError(f"{flag} '{path}' has no column {', '.join(repr(c) for c in missing)}; it needs the training "
-                        f"text column(s) {', '.join(repr(c) for c in fields)} (columns found: "
-                        f"{', '.join(map(str, df.columns))}).")
-    rows = []
-    for i, values in enumerate(zip(*(df[c].tolist() for c in fields))):
-        words = [text_words(v) if isinstance(v, str) else [] for v in values]
-        if not all(words):
-            col = fields[[bool(w) for w in words].index(False)]
-            raise UserError(f"{flag} '{path}' row {i + 1}: column '{col}' is empty; every unlabelled row needs its "
-                            "text (remove the row or fill it in).")
-        rows.append(words)
-    if not rows:
-        raise UserError(f"{flag} '{path}' has no rows.")
-    return rows
 
 
 @dataclass
@@ -231,13 +200,14 @@ class ClassificationTask(Task):
         transfer = None
         if "train" in splits and args.teacher_model:  # distillation's transfer set (training/transfer.py)
             fields = texts + ([pair] if pair else [])
+            used = np.unique(np.concatenate([np.asarray(r) for r in idx.values()]))  # rows the job's splits use
             transfer = TextSource(
-                fields, tok_pool,
+                fields, tok_pool.select(used),
                 lambda rows: [[text_words(v) for v in vals]
                               for vals in zip(*(pool.select(rows)[c] for c in fields))],
                 lambda rows, row_ids: dict(encode({**{c: [" ".join(r[j]) for r in rows] for j, c in enumerate(fields)},
                                                    "__label": [0] * len(rows)}), row_id=list(row_ids)),
-                lambda path: read_unlabeled(path, fields, a), where["train"])
+                lambda path: read_unlabeled_table(path, fields, a), where["train"])
         return PreparedData(train=out.get("train"), eval=out.get("validation"), test=out.get("test"), raw=prepared,
                             info=info, identity={"labels": class_names, "problem_type": info["problem_type"]},
                             state=ClsState(texts, pair, label_col, regression, class_names), transfer=transfer)

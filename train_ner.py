@@ -177,14 +177,8 @@ class NerTask(Task):
                             st["dropped_words"])
         transfer = None
         if "train" in windows and args.teacher_model:  # distillation's transfer set (training/transfer.py)
-            outside = label2id.get("O", 0)
-
             def encode_rows(rows, row_ids):  # a variant keeps its sentence's tags (word for word); unlabelled: 'O'
-                sents = [r[0] for r in rows]
-                tags = [[label2id.get(t, -100) for t in pool.tags[i]] if i >= 0 else [outside] * len(w)
-                        for w, i in zip(sents, row_ids)]
-                enc = ner.encode_sentences(tok, sents, tags, row_ids, a.max_length, a.label_all_tokens, inside)
-                return {k: v for k, v in enc.items() if k not in ("windowed", "dropped_words")}
+                return ner.encode_transfer_rows(tok, [r[0] for r in rows], row_ids, pool.tags, label2id, inside, a)
 
             transfer = TextSource(["tokens"], windows["train"].remove_columns(["windowed", "dropped_words"]),
                                   lambda rows: [[list(pool.tokens[i])] for i in rows], encode_rows,

@@ -17,13 +17,54 @@ labels (NER) stay aligned.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 Words = list  # list[str]: one sentence as words
+
+
+# ---------------------------------------------------------------------------------------------
+# Text as words
+# ---------------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]", re.UNICODE)
+
+
+def text_words(value) -> list:
+    """A text as words for augmentation: letter/digit runs (inner apostrophes and hyphens kept) and single
+    punctuation marks; a variant is its words joined by spaces."""
+    return _WORD.findall(str(value)) if value is not None else []
+
+
+def read_unlabeled_table(path: str, fields: list, a) -> list:
+    """--distill_unlabeled_file of a classification task: per row, the words of each training text column (a
+    label column, if any, is not read); `a`: the data arguments."""
+    from .loading import read_table
+
+    flag = "--distill_unlabeled_file"
+    df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
+    missing = [c for c in fields if c not in df.columns]
+    if missing:
+        raise UserError(f"{flag} '{path}' has no column {', '.join(repr(c) for c in missing)}; it needs the training "
+                        f"text column(s) {', '.join(repr(c) for c in fields)} (columns found: "
+                        f"{', '.join(map(str, df.columns))}).")
+    rows = []
+    for i, values in enumerate(zip(*(df[c].tolist() for c in fields))):
+        words = [text_words(v) if isinstance(v, str) else [] for v in values]
+        if not all(words):
+            col = fields[[bool(w) for w in words].index(False)]
+            raise UserError(f"{flag} '{path}' row {i + 1}: column '{col}' is empty; every unlabelled row needs its "
+                            "text (remove the row or fill it in).")
+        rows.append(words)
+    if not rows:
+        raise UserError(f"{flag} '{path}' has no rows.")
+    return rows
 
 
 def is_word(word: str) -> bool:

@@ -725,6 +725,18 @@ def encode_sentences(tokenizer, sentences: Sequence[Sequence[str]], tag_ids: Opt
     return out
 
 
+def encode_transfer_rows(tokenizer, sentences: Sequence[Sequence[str]], row_ids: Sequence[int], pool_tags: list,
+                         label2id: dict, inside: dict, a) -> dict:
+    """Distillation's transfer rows (training/transfer.py) as training windows: a variant of training sentence r
+    (same words count) carries r's tags, an unlabelled sentence (row id -1) 'O' tags; neither is a gold label (the
+    tags only mark the positions the teacher's soft targets apply to)."""
+    outside = label2id.get("O", 0)
+    tags = [[label2id.get(t, -100) for t in pool_tags[r]] if r >= 0 else [outside] * len(words)
+            for words, r in zip(sentences, row_ids)]
+    enc = encode_sentences(tokenizer, sentences, tags, row_ids, a.max_length, a.label_all_tokens, inside)
+    return {k: v for k, v in enc.items() if k not in ("windowed", "dropped_words")}
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation: one prediction per word, back in sentence order
 # ---------------------------------------------------------------------------------------------

@@ -267,11 +267,15 @@ def same_file(a: Optional[str], b: Optional[str]) -> bool:
     return bool(a and b and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-def input_paths(model_args, data_args) -> dict:
-    """flag -> path of what a run reads from disk (files and local model folders)."""
-    return {"--train_file": data_args.train_file, "--validation_file": data_args.validation_file,
-            "--test_file": data_args.test_file, "--model": model_args.model,
-            "--tokenizer_name": model_args.tokenizer_name}
+def input_paths(model_args, data_args, args=None) -> dict:
+    """flag -> path of what a run reads from disk (files and local model folders; with the training settings
+    `args`, distillation's teacher, masked LM and unlabelled file too)."""
+    paths = {"--train_file": data_args.train_file, "--validation_file": data_args.validation_file,
+             "--test_file": data_args.test_file, "--model": model_args.model,
+             "--tokenizer_name": model_args.tokenizer_name}
+    for flag in ("teacher_model", "augment_model", "distill_unlabeled_file"):
+        paths[f"--{flag}"] = getattr(args, flag, None)
+    return paths
 
 
 def reused_files(data_args) -> list[str]:

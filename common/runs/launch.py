@@ -60,7 +60,7 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
         reporting.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     else:
         validate.check_output_path(args.output_dir)
-    validate.check_inputs_outside(args.output_dir, validate.input_paths(model_args, data_args),
+    validate.check_inputs_outside(args.output_dir, validate.input_paths(model_args, data_args, args),
                                   clearing=args.overwrite_output_dir and not args.resume_from_checkpoint)
     runtime = make_runtime(args, args.output_dir)
     try:

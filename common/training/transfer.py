@@ -28,7 +28,7 @@ from .. import progress
 from ..errors import UserError
 from ..files import honour_umask
 from ..log import logger
-from .models import load_pretrained, load_tokenizer
+from .models import file_sha256, load_pretrained, load_tokenizer, teacher_fingerprint
 
 VERSION = "1"  # bump when what the cached variants hold changes
 CHUNK = 256    # examples per augmentation chunk (one process, one gather)
@@ -60,8 +60,6 @@ def _sha(*parts) -> str:
 
 
 def file_fingerprint(path: str) -> str:
-    from .distill import file_sha256
-
     h = hashlib.sha256()
     file_sha256(path, h)
     return h.hexdigest()[:16]
@@ -71,6 +69,11 @@ def file_fingerprint(path: str) -> str:
 # The masked LM
 # ---------------------------------------------------------------------------------------------
 
+def augment_model(args) -> tuple[str, str]:
+    """(name, flag) of the masked LM: --augment_model, by default the teacher."""
+    return (args.augment_model, "--augment_model") if args.augment_model else (args.teacher_model, "--teacher_model")
+
+
 def load_augmenter(ctx):
     """The masked LM of --augment_model (default: the teacher), checked to have a trained MLM head."""
     import transformers
@@ -78,8 +81,7 @@ def load_augmenter(ctx):
     from ..data.augment import Augmenter
 
     args = ctx.args
-    name = args.augment_model or args.teacher_model
-    flag = "--augment_model" if args.augment_model else "--teacher_model"
+    name, flag = augment_model(args)
     built = load_pretrained(transformers.AutoModelForMaskedLM, ctx.model_args, name=name, flag=flag)
     head = [k for k in built.untrained if k.startswith(HEAD_PREFIXES)]
     if head:
@@ -91,11 +93,8 @@ def load_augmenter(ctx):
     if tokenizer.mask_token_id is None:
         raise UserError(f"{flag} '{name}' has no mask token; --augment_model must be a masked LM (BERT, RoBERTa, ...).")
     model = built.model.eval().requires_grad_(False).to(ctx.accelerator.device)
-    from .distill import teacher_fingerprint
-
     return Augmenter(model, tokenizer, args.augment_top_k, ctx.accelerator.autocast,
-                     max_length=min(512, getattr(model.config, "max_position_embeddings", 512))), \
-        teacher_fingerprint(name, ctx.model_args), name
+                     max_length=min(512, getattr(model.config, "max_position_embeddings", 512)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,17 +197,14 @@ def build(task, ctx, data) -> Transfer:
     pool_rows = np.asarray(pool["row_id"])
     row_ids = pool_rows[np.sort(np.unique(pool_rows, return_index=True)[1])]  # each example once, pool order
     unlabeled = source.read_unlabeled(args.distill_unlabeled_file) if args.distill_unlabeled_file else []
-    if unlabeled and len(unlabeled[0]) != len(source.fields):
-        raise UserError(f"--distill_unlabeled_file rows have {len(unlabeled[0])} text fields, the training data "
-                        f"{len(source.fields)}.")
     info: dict = {"pool_examples": int(len(row_ids)), "seed": seed}
     os.makedirs(cache_folder(), exist_ok=True)
     parts, cache_hits = [], {}
     samples = ""
     if args.distill_augment:
         t0 = time.perf_counter()
-        with progress.phase("loading the masked LM for augmentation"):
-            augmenter, aug_fp, aug_name = load_augmenter(ctx)
+        aug_name, aug_flag = augment_model(args)
+        aug_fp = teacher_fingerprint(aug_name, ctx.model_args)
         words_fp = hashlib.sha256(json.dumps(source.row_words(row_ids.tolist())).encode()).hexdigest()[:16]
         key = _sha(VERSION, aug_fp, words_fp, args.distill_augment, args.augment_top_k, args.augment_prob, seed,
                    acc.mixed_precision, acc.device.type)
@@ -217,13 +213,14 @@ def build(task, ctx, data) -> Transfer:
             os.unlink(path)
         acc.wait_for_everyone()
         hit = _everywhere(acc, os.path.isfile(path))
-        if hit:
-            stats = {}
-        else:
+        stats = {}
+        if not hit:  # the masked LM is loaded only to build them
+            with progress.phase("loading the masked LM for augmentation", aug_name):
+                augmenter = load_augmenter(ctx)
             with progress.phase("augmenting the training examples",
-                                f"{len(row_ids):,} examples x {args.distill_augment} variants, {aug_name}"):
+                                f"{len(row_ids):,} examples x {args.distill_augment} variants"):
                 stats = build_variants(ctx, source, row_ids, path, augmenter, seed)
-        del augmenter
+            del augmenter
         variants = datasets.Dataset.from_parquet(path, cache_dir=os.path.join(cache_folder(), "arrow"))
         info["augment"] = {"model": aug_name, "model_fingerprint": aug_fp, "n": args.distill_augment,
                            "top_k": args.augment_top_k, "prob": args.augment_prob, "key": key, "cache_hit": hit,
