@@ -287,19 +287,17 @@ class TrainArguments:
         "Build the model from these 0-based layers of --model.", group="distillation", metavar="L,L,..."))
     # The transfer set (common/training/transfer.py, common/data/augment.py, docs/distillation.md)
     distill_augment: int = field(default=0, metadata=_help(
-        "TinyBERT's augmentation: N word-replaced variants of each training example, labelled by the teacher.",
-        group="distillation", metavar="N"))
+        "N augmented variants per example (TinyBERT).", group="distillation", metavar="N"))
     augment_model: Optional[str] = field(default=None, metadata=_help(
-        "Masked LM that proposes the replacements (default: the teacher, if it has an MLM head).",
-        group="distillation", metavar="ID|DIR"))
+        "Masked LM proposing replacements (default: the teacher).", group="distillation",
+        metavar="ID|DIR"))
     augment_top_k: int = field(default=15, metadata=_help(
-        "Candidates per word: the masked LM's top K, or K embedding neighbours.", group="distillation",
-        metavar="K"))
+        "Replacement candidates per word (top K).", group="distillation", metavar="K"))
     augment_prob: float = field(default=0.4, metadata=_help(
-        "Probability that a word is replaced in a variant.", group="distillation", metavar="P"))
+        "Probability of replacing each word.", group="distillation", metavar="P"))
     distill_unlabeled_file: Optional[str] = field(default=None, metadata=_help(
-        "Text without labels (the training text columns; sentences for NER) for the teacher to label.",
-        group="distillation", metavar="FILE"))
+        "Unlabelled text for the teacher (training file's layout).", group="distillation",
+        metavar="FILE"))
     # Hyperparameter search (common/runs/study.py, common/runs/search_space.py, docs/hpo.md)
     hpo_trials: int = field(default=0, metadata=_help(
         "A study of N trials (Optuna), each a run in output_dir/trials/.", group="search", metavar="N"))
