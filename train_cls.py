@@ -10,7 +10,6 @@ From a notebook: `notebook_launcher(main, (argv,), num_processes=N)`. See README
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
@@ -24,8 +23,10 @@ from common.data.labels import (
     forgotten_pair,
     labels_from_model,
     read_split_labels,
+    read_unlabeled,
     resolve_columns,
     resolve_labels,
+    text_words,
 )
 from common.data.loading import read_hub_splits, read_table, source_name, tokenize_split, tokenizer_fingerprint
 from common.data.splits import data_block, plan_rows, says_all, split_origins
@@ -96,37 +97,6 @@ def read_splits(a: ClsDataArguments, model_args) -> tuple[dict, dict]:
             splits[split] = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
             where[split] = f"{flag} '{path}'"
     return splits, where
-
-
-_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]", re.UNICODE)
-
-
-def text_words(value) -> list:
-    """A text as words for augmentation: letter/digit runs (inner apostrophes and hyphens kept) and single
-    punctuation marks; a variant is its words joined by spaces."""
-    return _WORD.findall(str(value)) if value is not None else []
-
-
-def read_unlabeled(path: str, fields: list, a) -> list:
-    """--distill_unlabeled_file: rows of the training text columns (a label column, if any, is not read)."""
-    flag = "--distill_unlabeled_file"
-    df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
-    missing = [c for c in fields if c not in df.columns]
-    if missing:
-        raise UserError(f"{flag} '{path}' has no column {', '.join(repr(c) for c in missing)}; it needs the training "
-                        f"text column(s) {', '.join(repr(c) for c in fields)} (columns found: "
-                        f"{', '.join(map(str, df.columns))}).")
-    rows = []
-    for i, values in enumerate(zip(*(df[c].tolist() for c in fields))):
-        words = [text_words(v) if isinstance(v, str) else [] for v in values]
-        if not all(words):
-            col = fields[[bool(w) for w in words].index(False)]
-            raise UserError(f"{flag} '{path}' row {i + 1}: column '{col}' is empty; every unlabelled row needs its "
-                            "text (remove the row or fill it in).")
-        rows.append(words)
-    if not rows:
-        raise UserError(f"{flag} '{path}' has no rows.")
-    return rows
 
 
 @dataclass

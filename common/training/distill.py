@@ -47,7 +47,7 @@ from ..files import honour_umask
 from ..log import logger
 from ..task import Objective, model_inputs
 from . import transfer
-from .models import encoder_layers, load_config, load_pretrained, load_tokenizer
+from .models import encoder_layers, load_config, load_pretrained, load_tokenizer, model_fingerprint
 
 FLAG = "--teacher_model"
 PROJECTION = "distill_projection"  # the student's attribute holding the projection (never saved with it)
@@ -158,29 +158,6 @@ class LogitStore:
         rank = mask.long().cumsum(1) - 1  # the item's place among its example's items
         rows = (self.offsets[index].unsqueeze(1) + rank).clamp(0, len(self.values) - 1)
         return self.values[rows]
-
-
-def file_sha256(path: str, h) -> None:
-    with open(path, "rb") as fh:
-        for block in iter(functools.partial(fh.read, 1 << 22), b""):
-            h.update(block)
-
-
-def teacher_fingerprint(name: str, model_args) -> str:
-    """A local folder: the hash of its config and weight files. A Hub id: its id and snapshot (commit)."""
-    h = hashlib.sha256()
-    if os.path.isdir(name):
-        for f in sorted(os.listdir(name)):
-            if f == "config.json" or f.endswith((".safetensors", ".bin")):
-                h.update(f.encode())
-                file_sha256(os.path.join(name, f), h)
-    else:
-        from transformers.utils import cached_file
-
-        config = cached_file(name, "config.json", cache_dir=model_args.cache_dir)
-        h.update(json.dumps([name, os.path.basename(os.path.dirname(config))]).encode())
-        file_sha256(config, h)
-    return h.hexdigest()[:16]
 
 
 def data_fingerprint(dataset) -> str:
@@ -480,7 +457,7 @@ def setup(task, ctx, data, built, objective: Objective, collator) -> DistillObje
     if {"hidden", "embeddings"} & set(losses) and s_config.hidden_size != t_config.hidden_size:
         projection = torch.nn.Linear(s_config.hidden_size, t_config.hidden_size)  # seeded: after set_seed
         built.model.add_module(PROJECTION, projection)  # trained and checkpointed with the student, not saved
-    fingerprint = teacher_fingerprint(name, ctx.model_args)
+    fingerprint = model_fingerprint(name, ctx.model_args)
     info = {"teacher": name, "teacher_fingerprint": fingerprint, "teacher_layers": t_config.num_hidden_layers,
             "teacher_hidden_size": t_config.hidden_size, "student_layers": s_config.num_hidden_layers,
             "alpha": args.distill_alpha, "temperature": args.distill_temperature,

@@ -1,6 +1,9 @@
 """Loading the tokenizer, config and pretrained weights, with one clear error each."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from typing import Optional
 
@@ -141,3 +144,27 @@ def keep_layers(model, layers: list[int], name: str) -> None:
     parent, _, attr = where.rpartition(".")
     setattr(model.base_model.get_submodule(parent), attr, torch.nn.ModuleList(kept))
     model.config.num_hidden_layers = len(kept)
+
+
+def file_sha256(path: str, h) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(functools.partial(fh.read, 1 << 22), b""):
+            h.update(block)
+
+
+def model_fingerprint(name: str, model_args) -> str:
+    """What a model is, for cache keys (a teacher's logits, an augmenting masked LM's variants). A local folder: the
+    hash of its config and weight files. A Hub id: its id and snapshot (commit)."""
+    h = hashlib.sha256()
+    if os.path.isdir(name):
+        for f in sorted(os.listdir(name)):
+            if f == "config.json" or f.endswith((".safetensors", ".bin")):
+                h.update(f.encode())
+                file_sha256(os.path.join(name, f), h)
+    else:
+        from transformers.utils import cached_file
+
+        config = cached_file(name, "config.json", cache_dir=model_args.cache_dir)
+        h.update(json.dumps([name, os.path.basename(os.path.dirname(config))]).encode())
+        file_sha256(config, h)
+    return h.hexdigest()[:16]

@@ -28,11 +28,14 @@ from .. import progress
 from ..errors import UserError
 from ..files import honour_umask
 from ..log import logger
-from .models import load_pretrained, load_tokenizer
+from .models import byte_level, file_sha256, load_pretrained, load_tokenizer, model_fingerprint
 
 VERSION = "1"  # bump when what the cached variants hold changes
 CHUNK = 256    # examples per augmentation chunk (one process, one gather)
 SAMPLES = "augment_samples.txt"
+# The variants' draw is seeded by this and each example's words, never by --seed: every seed and fold of a job,
+# and single runs with other seeds, train on the same transfer set and reuse its cache (its teacher logits too).
+SEED = 0
 HEAD_PREFIXES = ("cls.", "lm_head.", "vocab_", "generator_", "predictions.")
 
 
@@ -60,8 +63,6 @@ def _sha(*parts) -> str:
 
 
 def file_fingerprint(path: str) -> str:
-    from .distill import file_sha256
-
     h = hashlib.sha256()
     file_sha256(path, h)
     return h.hexdigest()[:16]
@@ -88,14 +89,14 @@ def load_augmenter(ctx):
                         f"no trained MLM head ({head[0]} is missing); pass --augment_model with one: a train_mlm.py "
                         "output folder, or a pretrained masked LM such as bert-base-uncased.")
     tokenizer = load_tokenizer(ctx.model_args, name, flag)
+    if byte_level(tokenizer):  # words are encoded one by one: each with its leading space, as inside a text
+        tokenizer = load_tokenizer(ctx.model_args, name, flag, add_prefix_space=True)
     if tokenizer.mask_token_id is None:
         raise UserError(f"{flag} '{name}' has no mask token; --augment_model must be a masked LM (BERT, RoBERTa, ...).")
     model = built.model.eval().requires_grad_(False).to(ctx.accelerator.device)
-    from .distill import teacher_fingerprint
-
     return Augmenter(model, tokenizer, args.augment_top_k, ctx.accelerator.autocast,
                      max_length=min(512, getattr(model.config, "max_position_embeddings", 512))), \
-        teacher_fingerprint(name, ctx.model_args), name
+        model_fingerprint(name, ctx.model_args), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def build(task, ctx, data) -> Transfer:
     if source is None:
         raise UserError(f"--distill_augment/--distill_unlabeled_file are not available for {task.name or 'this task'}.")
     started = time.perf_counter()
-    seed = ctx.split.seed if ctx.split is not None else args.seed
+    seed = SEED
     pool = source.pool
     pool_rows = np.asarray(pool["row_id"])
     row_ids = pool_rows[np.sort(np.unique(pool_rows, return_index=True)[1])]  # each example once, pool order
