@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataSourceArguments
-from common.data.augment import read_unlabeled_table, text_words
 from common.data.labels import (
     describe_columns,
     forgotten_pair,
     labels_from_model,
     read_split_labels,
+    read_unlabeled,
     resolve_columns,
     resolve_labels,
+    text_words,
 )
 from common.data.loading import read_hub_splits, read_table, source_name, tokenize_split, tokenizer_fingerprint
 from common.data.splits import data_block, plan_rows, says_all, split_origins
@@ -207,7 +208,7 @@ class ClassificationTask(Task):
                               for vals in zip(*(pool.select(rows)[c] for c in fields))],
                 lambda rows, row_ids: dict(encode({**{c: [" ".join(r[j]) for r in rows] for j, c in enumerate(fields)},
                                                    "__label": [0] * len(rows)}), row_id=list(row_ids)),
-                lambda path: read_unlabeled_table(path, fields, a), where["train"])
+                lambda path: read_unlabeled(path, fields, a), where["train"])
         return PreparedData(train=out.get("train"), eval=out.get("validation"), test=out.get("test"), raw=prepared,
                             info=info, identity={"labels": class_names, "problem_type": info["problem_type"]},
                             state=ClsState(texts, pair, label_col, regression, class_names), transfer=transfer)

@@ -26,7 +26,7 @@ from common.errors import UserError, run_cli
 from common.log import logger
 from common.runs.launch import launch
 from common.runs.predictions import ConllPredictions
-from common.task import BuiltModel, Context, Objective, PreparedData, Task, TextSource, model_inputs
+from common.task import BuiltModel, Context, Objective, PreparedData, Task, model_inputs
 from common.training.metrics import NER_METRICS, ner_metrics
 from common.training.models import byte_level, freeze, load_pretrained, load_tokenizer
 
@@ -175,14 +175,8 @@ class NerTask(Task):
                 logger.info("%s: %d sentences longer than --max_length %d were split into windows; %d words could "
                             "not be placed (scored as 'O')", split, st["windowed_sentences"], a.max_length,
                             st["dropped_words"])
-        transfer = None
-        if "train" in windows and args.teacher_model:  # distillation's transfer set (training/transfer.py)
-            def encode_rows(rows, row_ids):  # a variant keeps its sentence's tags (word for word); unlabelled: 'O'
-                return ner.encode_transfer_rows(tok, [r[0] for r in rows], row_ids, pool.tags, label2id, inside, a)
-
-            transfer = TextSource(["tokens"], windows["train"].remove_columns(["windowed", "dropped_words"]),
-                                  lambda rows: [[list(pool.tokens[i])] for i in rows], encode_rows,
-                                  lambda path: ner.read_unlabeled(path, a), pool.where)
+        transfer = (ner.transfer_source(tok, pool, windows["train"], label2id, inside, a)  # training/transfer.py
+                    if "train" in windows and args.teacher_model else None)
         offsets = np.zeros(len(words) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(w) for w in words])
         derived = sorted(s for s in idx if s != "train")

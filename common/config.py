@@ -295,6 +295,8 @@ class TrainArguments:
         "Replacement candidates per word (top K).", group="distillation", metavar="K"))
     augment_prob: float = field(default=0.4, metadata=_help(
         "Probability of replacing each word.", group="distillation", metavar="P"))
+    augment_seed: int = field(default=0, metadata=_help(
+        "Seed of the variants (shared by every --seed).", group="distillation", metavar="S"))
     distill_unlabeled_file: Optional[str] = field(default=None, metadata=_help(
         "Unlabelled text for the teacher (training file's layout).", group="distillation",
         metavar="FILE"))
@@ -471,14 +473,17 @@ class TrainArguments:
                             f"{self.augment_top_k}) and --augment_prob in (0, 1] (got {self.augment_prob}).")
         augment_flags = [f for f, given in (("--augment_model", self.augment_model is not None),
                                              ("--augment_top_k", self.augment_top_k != 15),
-                                             ("--augment_prob", self.augment_prob != 0.4)) if given]
+                                             ("--augment_prob", self.augment_prob != 0.4),
+                                             ("--augment_seed", self.augment_seed != 0)) if given]
         if augment_flags and not self.distill_augment:
-            raise UserError(f"{', '.join(augment_flags)} set(s) up --distill_augment N, which is not given; add "
+            raise UserError(f"{', '.join(augment_flags)} only appl{'y' if len(augment_flags) > 1 else 'ies'} with "
+                            "--distill_augment N, which is not given; add "
                             "--distill_augment N (e.g. 20) or drop them.")
         transfer = [f for f, given in (("--distill_augment", self.distill_augment > 0),
                                        ("--distill_unlabeled_file", self.distill_unlabeled_file)) if given]
         if transfer and not self.teacher_model:
-            raise UserError(f"{', '.join(transfer)} add(s) rows for a teacher to label: pass --teacher_model PATH.")
+            raise UserError(f"{', '.join(transfer)} only add{'' if len(transfer) > 1 else 's'} rows for a teacher to "
+                            "label: pass --teacher_model PATH.")
         if transfer and self.distill_alpha == 1 and not self.intermediate_losses():
             raise UserError(f"{', '.join(transfer)} with --distill_alpha 1 and no intermediate loss: the added rows "
                             "have no labels and nothing would learn from them; lower --distill_alpha (e.g. 0.5).")

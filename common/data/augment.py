@@ -9,62 +9,21 @@ For every word of a sentence the augmenter finds up to `top_k` candidate replace
   letters, a number candidates with digits.
 A variant then replaces each word that has candidates with probability `prob` by one of them, drawn uniformly;
 `n` variants are drawn per example, duplicates of the original or of each other are dropped. The draw is seeded
-by the run's seed and the example's own words (never its position or the process that builds it), so a seed
-gives the same variants on any number of processes and for any selection of the rows. A replacement keeps the
-original's capitalisation (first letter, or all capitals) and is always one word for one word, so word-level
-labels (NER) stay aligned.
+by --augment_seed and the example's own words (never its position or the process that
+builds it), so a seed gives the same variants on any number of processes and for any selection of the rows. A
+replacement keeps the original's capitalisation (first letter, or all capitals) and is always one word for one
+word, so word-level labels (NER) stay aligned.
 """
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import UserError
-
 Words = list  # list[str]: one sentence as words
-
-
-# ---------------------------------------------------------------------------------------------
-# Text as words
-# ---------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]", re.UNICODE)
-
-
-def text_words(value) -> list:
-    """A text as words for augmentation: letter/digit runs (inner apostrophes and hyphens kept) and single
-    punctuation marks; a variant is its words joined by spaces."""
-    return _WORD.findall(str(value)) if value is not None else []
-
-
-def read_unlabeled_table(path: str, fields: list, a) -> list:
-    """--distill_unlabeled_file of a classification task: per row, the words of each training text column (a
-    label column, if any, is not read); `a`: the data arguments."""
-    from .loading import read_table
-
-    flag = "--distill_unlabeled_file"
-    df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
-    missing = [c for c in fields if c not in df.columns]
-    if missing:
-        raise UserError(f"{flag} '{path}' has no column {', '.join(repr(c) for c in missing)}; it needs the training "
-                        f"text column(s) {', '.join(repr(c) for c in fields)} (columns found: "
-                        f"{', '.join(map(str, df.columns))}).")
-    rows = []
-    for i, values in enumerate(zip(*(df[c].tolist() for c in fields))):
-        words = [text_words(v) if isinstance(v, str) else [] for v in values]
-        if not all(words):
-            col = fields[[bool(w) for w in words].index(False)]
-            raise UserError(f"{flag} '{path}' row {i + 1}: column '{col}' is empty; every unlabelled row needs its "
-                            "text (remove the row or fill it in).")
-        rows.append(words)
-    if not rows:
-        raise UserError(f"{flag} '{path}' has no rows.")
-    return rows
 
 
 def is_word(word: str) -> bool:
@@ -88,7 +47,7 @@ def match_case(candidate: str, original: str) -> str:
 
 
 def row_seed(seed: int, fields: Sequence[Words]) -> list[int]:
-    """The draw's seed for one example: the run's seed and a hash of the example's words."""
+    """The draw's seed for one example: `seed` and a hash of the example's words."""
     h = hashlib.blake2b("\x1e".join("\x1f".join(words) for words in fields).encode("utf-8"), digest_size=8)
     return [int(seed) & 0xFFFFFFFF, int.from_bytes(h.digest(), "little")]
 
@@ -124,6 +83,14 @@ class Vocabulary:
     words: list           # token id -> word ("" where not valid)
 
 
+def word_start_marker(tokenizer) -> str:
+    """How the vocabulary marks a word's first piece: 'Ġ' (byte-level BPE: RoBERTa, GPT-2), '▁' (SentencePiece:
+    ALBERT, XLM-R, DeBERTa-v3), or '' (WordPiece, which marks the other pieces with '##' instead)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else ""
+    return "Ġ" if '"ByteLevel"' in spec else "▁" if '"Metaspace"' in spec else ""
+
+
 def word_vocabulary(tokenizer) -> Vocabulary:
     """Whole-word tokens: not special, not a word continuation (WordPiece '##x'; with a BPE/SentencePiece
     vocabulary, tokens without the word-start marker), with a letter or a digit."""
@@ -133,15 +100,15 @@ def word_vocabulary(tokenizer) -> Vocabulary:
     for tok, i in vocab.items():
         tokens[i] = tok
     special = set(tokenizer.all_special_ids)
-    markers = [m for m in ("Ġ", "▁") if sum(t.startswith(m) for t in tokens[:2000]) > 50]
+    marker = word_start_marker(tokenizer)
     valid, words = torch.zeros(size, dtype=torch.bool), [""] * size
     for i, tok in enumerate(tokens):
         if i in special or not tok or tok.startswith("##") or (tok.startswith("[") and tok.endswith("]")):
             continue
-        if markers:
-            if not tok.startswith(markers[0]):
+        if marker:
+            if not tok.startswith(marker):
                 continue
-            tok = tok[len(markers[0]):]
+            tok = tokenizer.convert_tokens_to_string([tok]).strip()  # bytes decoded: 'ĠcafÃ©' is 'café'
         if tok and is_word(tok) and not any(ch.isspace() for ch in tok):
             valid[i], words[i] = True, tok
     return Vocabulary(valid, words)
@@ -161,10 +128,20 @@ class Augmenter:
         self.device = next(model.parameters()).device
         self.vocab = word_vocabulary(tokenizer)
         self.valid = self.vocab.valid.to(self.device)
+        self.words = self.vocab.words
         self.head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
         self._neighbours: dict[str, list] = {}
         self._unit = None
         self.stats = {"sentences": 0, "words": 0, "masked_lm": 0, "embedding": 0, "none": 0}
+
+    def _valid(self, n: int) -> torch.Tensor:
+        """Which of the first n ids are words; n, the model's vocabulary, may exceed the tokenizer's (embeddings
+        padded to a multiple of 64, as in ModernBERT): the ids past the tokenizer's are not words."""
+        valid = self.valid[:n]
+        return valid if len(valid) == n else torch.cat([valid, valid.new_zeros(n - len(valid))])
+
+    def _word(self, token_id: int) -> str:
+        return self.words[token_id] if token_id < len(self.words) else ""
 
     # -- masked LM --------------------------------------------------------------------------------------------
     def _mlm_logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -197,11 +174,11 @@ class Augmenter:
                 ids[r, p], pos[r] = mask_id, p
             with torch.inference_mode(), self.autocast():
                 logits = self._mlm_logits(ids.to(self.device), att.to(self.device), pos.to(self.device))
-            logits = logits.masked_fill(~self.valid[: logits.shape[-1]], float("-inf"))
+            logits = logits.masked_fill(~self._valid(logits.shape[-1]), float("-inf"))
             top = logits.topk(min(2 * self.top_k + 5, logits.shape[-1]), dim=-1).indices.cpu().tolist()
             for r, j in enumerate(chunk):
                 original = jobs[j][2].lower()
-                words = [self.vocab.words[t] for t in top[r]]
+                words = [self._word(t) for t in top[r]]
                 out[j] = [w for w in dict.fromkeys(words) if w and w.lower() != original
                           and same_kind(w, jobs[j][2])][: self.top_k]
         return out
@@ -215,7 +192,7 @@ class Augmenter:
         emb = self.model.get_input_embeddings().weight.detach()
         if self._unit is None:
             unit = torch.nn.functional.normalize(emb.float(), dim=-1)
-            self._unit = unit.masked_fill(~self.valid[: len(unit)].unsqueeze(1), 0.0)
+            self._unit = unit.masked_fill(~self._valid(len(unit)).unsqueeze(1), 0.0)
         for start in range(0, len(new), 512):
             part = new[start:start + 512]
             pieces = [self.tokenizer(w, add_special_tokens=False)["input_ids"] or [self.tokenizer.unk_token_id]
@@ -224,10 +201,10 @@ class Augmenter:
             sims = torch.nn.functional.normalize(vec, dim=-1) @ self._unit.T
             for r, p in enumerate(pieces):  # never the word's own pieces
                 sims[r, torch.tensor(p, device=sims.device)] = float("-inf")
-            sims = sims.masked_fill(~self.valid[: sims.shape[-1]], float("-inf"))
+            sims = sims.masked_fill(~self._valid(sims.shape[-1]), float("-inf"))
             top = sims.topk(min(2 * self.top_k + 5, sims.shape[-1]), dim=-1).indices.cpu().tolist()
             for w, t in zip(part, top):
-                cands = [self.vocab.words[i] for i in t]
+                cands = [self._word(i) for i in t]
                 self._neighbours[w] = [c for c in dict.fromkeys(cands)
                                        if c and c.lower() != w.lower() and same_kind(c, w)][: self.top_k]
 

@@ -6,7 +6,7 @@ label seen only in validation still gets an id), numeric or text, whole numbers 
 -> regression (with --task_type auto, announced in the log), mapped to ids with clear errors for empty,
 NaN, single-class or unseen labels, numbers mixed with words, spellings of one label ('pos'/'Pos') and
 id-like label columns. The text columns are checked on the way (common/data/validate.py) and returned as
-clean datasets."""
+clean datasets. Distillation's transfer set: a text as words (`text_words`) and --distill_unlabeled_file's rows."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from ..errors import UserError, fmt_columns
 from ..log import logger
-from .loading import require_columns
+from .loading import read_table, require_columns
 from .validate import (
     check_label_count,
     check_label_kinds,
@@ -311,3 +311,36 @@ def labels_from_model(labels: dict, numeric: dict, where: dict, column: str, con
     for split, unknown in unseen.items():
         logger.warning("%s: labels %s are not the model's; they are counted as errors", where[split], unknown)
     return Labels(False, names, ids)
+
+
+# Distillation's transfer set (training/transfer.py): the training texts as words, and unlabelled rows
+
+_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]", re.UNICODE)
+
+
+def text_words(value) -> list:
+    """A text as words for augmentation: letter/digit runs (inner apostrophes and hyphens kept) and single
+    punctuation marks; a variant is its words joined by spaces."""
+    return _WORD.findall(str(value)) if value is not None else []
+
+
+def read_unlabeled(path: str, fields: list, a) -> list:
+    """--distill_unlabeled_file: rows of the training text columns (a label column, if any, is not read)."""
+    flag = "--distill_unlabeled_file"
+    df = read_table(path, flag, a.encoding, a.column_names, a.delimiter)
+    missing = [c for c in fields if c not in df.columns]
+    if missing:
+        raise UserError(f"{flag} '{path}' has no column {', '.join(repr(c) for c in missing)}; it needs the training "
+                        f"text column(s) {', '.join(repr(c) for c in fields)} (columns found: "
+                        f"{', '.join(map(str, df.columns))}).")
+    rows = []
+    for i, values in enumerate(zip(*(df[c].tolist() for c in fields))):
+        words = [[] if is_missing(v) else text_words(v) for v in values]  # a number is text too (json)
+        if not all(words):
+            col = fields[[bool(w) for w in words].index(False)]
+            raise UserError(f"{flag} '{path}' row {i + 1}: column '{col}' is empty; every unlabelled row needs its "
+                            "text (remove the row or fill it in).")
+        rows.append(words)
+    if not rows:
+        raise UserError(f"{flag} '{path}' has no rows.")
+    return rows

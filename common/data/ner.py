@@ -212,16 +212,14 @@ def read_splits(a, cache_dir: Optional[str]) -> dict:
 
 
 def read_unlabeled(path: str, a) -> list:
-    """--distill_unlabeled_file: sentences as word lists. A text file with one sentence per line (no blank line,
-    lines of different word counts), a CoNLL column file (tags, if any, not read) or a table with a tokens
-    column (a tag column, if any, not read); `a`: the data arguments."""
+    """--distill_unlabeled_file: sentences as word lists. A text file with one sentence per line, a CoNLL column
+    file (tags, if any, not read; `unlabeled_layout` tells them apart) or a table with a tokens column (a tag
+    column, if any, not read); `a`: the data arguments."""
     flag = "--distill_unlabeled_file"
+    check_file(path, flag, CONLL_EXTENSIONS + TABLE_EXTENSIONS)  # exists, not empty, a known extension
     if file_layout(path, flag, a) == "lines":
-        lines = [ln for ln in read_text(path, flag, a.encoding).split("\n")]
-        while lines and not lines[-1].strip(_ASCII_SPACE):
-            lines.pop()
-        counts = {len(split_words(ln)) for ln in lines}
-        if lines and 0 not in counts and len(counts) > 1 and "\t" not in "".join(lines):
+        lines = read_text(path, flag, a.encoding).split("\n")
+        if unlabeled_layout(lines) == "sentences":
             sentences = [split_words(ln) for ln in lines]
         else:
             sentences = read_conll(path, flag, -1, False, a.encoding).tokens
@@ -232,6 +230,45 @@ def read_unlabeled(path: str, a) -> list:
     if not sentences:
         raise UserError(f"{flag} '{path}' holds no sentences.")
     return [[list(map(str, s))] for s in sentences]
+
+
+def transfer_source(tok, pool: Sentences, windows, label2id: dict, inside: dict, a):
+    """The training sentences for distillation's transfer set (training/transfer.py): `windows`, the tokenized
+    training pool; a variant keeps its sentence's tags word for word, an unlabelled sentence is tagged 'O' (its
+    positions are distilled, with no hard loss); `a`: the data arguments."""
+    from ..task import TextSource
+
+    outside = label2id.get("O", 0)
+
+    def encode_rows(rows, row_ids):
+        sents = [r[0] for r in rows]
+        tags = [[label2id.get(t, -100) for t in pool.tags[i]] if i >= 0 else [outside] * len(w)
+                for w, i in zip(sents, row_ids)]
+        enc = encode_sentences(tok, sents, tags, row_ids, a.max_length, a.label_all_tokens, inside)
+        return {k: v for k, v in enc.items() if k not in ("windowed", "dropped_words")}
+
+    return TextSource(["tokens"], windows.remove_columns(["windowed", "dropped_words"]),
+                      lambda rows: [[list(pool.tokens[i])] for i in rows], encode_rows,
+                      lambda path: read_unlabeled(path, a), pool.where)
+
+
+def unlabeled_layout(lines: Sequence[str]) -> str:
+    """'conll' (a word per line, any other columns the same on every line, a blank line between sentences) or
+    'sentences' (one per line). CoNLL: the same number of tabs on every line, or nine lines in ten or more with the
+    same number of columns, which is one, or blank lines separate groups of them, or the last holds tags; anything
+    else (sentences of different lengths; one sentence, or a few of the same length) is one sentence per line."""
+    if _tabs_per_line(lines):
+        return "conll"
+    content = [w for w in map(split_words, lines) if w and w[0] != "-DOCSTART-"]
+    if not content:
+        return "conll"  # read_conll says the file holds no sentences
+    usual, count = Counter(len(w) for w in content).most_common(1)[0]
+    if count < 0.9 * len(content):
+        return "sentences"
+    blank_between = any(not ln.strip(_ASCII_SPACE) for ln in "\n".join(lines).strip(_ASCII_SPACE).split("\n"))
+    pattern = tag_pattern(None)
+    tagged = sum(bool(pattern.match(w[-1])) for w in content if len(w) == usual) >= 0.9 * count
+    return "conll" if usual == 1 or blank_between or tagged else "sentences"
 
 
 def read_table_sentences(path: str, flag: str, tokens_column: Optional[str], tags_column: Optional[str],
@@ -723,18 +760,6 @@ def encode_sentences(tokenizer, sentences: Sequence[Sequence[str]], tag_ids: Opt
     if tag_ids is None:
         del out["labels"]
     return out
-
-
-def encode_transfer_rows(tokenizer, sentences: Sequence[Sequence[str]], row_ids: Sequence[int], pool_tags: list,
-                         label2id: dict, inside: dict, a) -> dict:
-    """Distillation's transfer rows (training/transfer.py) as training windows: a variant of training sentence r
-    (same words count) carries r's tags, an unlabelled sentence (row id -1) 'O' tags; neither is a gold label (the
-    tags only mark the positions the teacher's soft targets apply to)."""
-    outside = label2id.get("O", 0)
-    tags = [[label2id.get(t, -100) for t in pool_tags[r]] if r >= 0 else [outside] * len(words)
-            for words, r in zip(sentences, row_ids)]
-    enc = encode_sentences(tokenizer, sentences, tags, row_ids, a.max_length, a.label_all_tokens, inside)
-    return {k: v for k, v in enc.items() if k not in ("windowed", "dropped_words")}
 
 
 # ---------------------------------------------------------------------------------------------

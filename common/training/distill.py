@@ -47,7 +47,7 @@ from ..files import honour_umask
 from ..log import logger
 from ..task import Objective, model_inputs
 from . import transfer
-from .models import encoder_layers, load_config, load_pretrained, load_tokenizer, teacher_fingerprint
+from .models import encoder_layers, load_config, load_pretrained, load_tokenizer, model_fingerprint
 
 FLAG = "--teacher_model"
 PROJECTION = "distill_projection"  # the student's attribute holding the projection (never saved with it)
@@ -457,7 +457,7 @@ def setup(task, ctx, data, built, objective: Objective, collator) -> DistillObje
     if {"hidden", "embeddings"} & set(losses) and s_config.hidden_size != t_config.hidden_size:
         projection = torch.nn.Linear(s_config.hidden_size, t_config.hidden_size)  # seeded: after set_seed
         built.model.add_module(PROJECTION, projection)  # trained and checkpointed with the student, not saved
-    fingerprint = teacher_fingerprint(name, ctx.model_args)
+    fingerprint = model_fingerprint(name, ctx.model_args)
     info = {"teacher": name, "teacher_fingerprint": fingerprint, "teacher_layers": t_config.num_hidden_layers,
             "teacher_hidden_size": t_config.hidden_size, "student_layers": s_config.num_hidden_layers,
             "alpha": args.distill_alpha, "temperature": args.distill_temperature,

@@ -152,9 +152,9 @@ def file_sha256(path: str, h) -> None:
             h.update(block)
 
 
-def teacher_fingerprint(name: str, model_args) -> str:
-    """A model's identity (a teacher, a masked LM). A local folder: the hash of its config and weight files. A
-    Hub id: its id and snapshot (commit)."""
+def model_fingerprint(name: str, model_args) -> str:
+    """What a model is, for cache keys (a teacher's logits, an augmenting masked LM's variants). A local folder: the
+    hash of its config and weight files. A Hub id: its id and snapshot (commit)."""
     h = hashlib.sha256()
     if os.path.isdir(name):
         for f in sorted(os.listdir(name)):

@@ -28,7 +28,7 @@ from .. import progress
 from ..errors import UserError
 from ..files import honour_umask
 from ..log import logger
-from .models import file_sha256, load_pretrained, load_tokenizer, teacher_fingerprint
+from .models import byte_level, file_sha256, load_pretrained, load_tokenizer, model_fingerprint
 
 VERSION = "1"  # bump when what the cached variants hold changes
 CHUNK = 256    # examples per augmentation chunk (one process, one gather)
@@ -90,6 +90,8 @@ def load_augmenter(ctx):
                         f"no trained MLM head ({head[0]} is missing); pass --augment_model with one: a train_mlm.py "
                         "output folder, or a pretrained masked LM such as bert-base-uncased.")
     tokenizer = load_tokenizer(ctx.model_args, name, flag)
+    if byte_level(tokenizer):  # words are encoded one by one: each with its leading space, as inside a text
+        tokenizer = load_tokenizer(ctx.model_args, name, flag, add_prefix_space=True)
     if tokenizer.mask_token_id is None:
         raise UserError(f"{flag} '{name}' has no mask token; --augment_model must be a masked LM (BERT, RoBERTa, ...).")
     model = built.model.eval().requires_grad_(False).to(ctx.accelerator.device)
@@ -192,7 +194,9 @@ def build(task, ctx, data) -> Transfer:
     if source is None:
         raise UserError(f"--distill_augment/--distill_unlabeled_file are not available for {task.name or 'this task'}.")
     started = time.perf_counter()
-    seed = ctx.split.seed if ctx.split is not None else args.seed
+    # --augment_seed and each example's words seed the draw, never --seed: every seed and fold of a job, and single
+    # runs with other seeds, train on the same transfer set and reuse its cache (its teacher logits too)
+    seed = args.augment_seed
     pool = source.pool
     pool_rows = np.asarray(pool["row_id"])
     row_ids = pool_rows[np.sort(np.unique(pool_rows, return_index=True)[1])]  # each example once, pool order
@@ -204,7 +208,7 @@ def build(task, ctx, data) -> Transfer:
     if args.distill_augment:
         t0 = time.perf_counter()
         aug_name, aug_flag = augment_model(args)
-        aug_fp = teacher_fingerprint(aug_name, ctx.model_args)
+        aug_fp = model_fingerprint(aug_name, ctx.model_args)
         words_fp = hashlib.sha256(json.dumps(source.row_words(row_ids.tolist())).encode()).hexdigest()[:16]
         key = _sha(VERSION, aug_fp, words_fp, args.distill_augment, args.augment_top_k, args.augment_prob, seed,
                    acc.mixed_precision, acc.device.type)
