@@ -261,7 +261,7 @@ class TrainArguments:
         "Cross-validation folds on the training file (default: 0, none).", group="repeats", metavar="K"))
     # Distillation (common/training/distill.py, docs/distillation.md)
     teacher_model: Optional[str] = field(default=None, metadata=_help(
-        "A fine-tuned teacher (output folder or Hub id) with the student's labels and vocabulary.",
+        "Fine-tuned teacher (folder or Hub id), the student's labels.",
         group="distillation", metavar="ID|DIR"))
     distill_alpha: float = field(default=0.5, metadata=_help(
         "Weight of the hard-label loss; 1 - alpha weighs T^2 * KL(teacher || student).", group="distillation"))
@@ -281,7 +281,7 @@ class TrainArguments:
     layer_map: Optional[str] = field(default=None, metadata=_help(
         "Student:teacher layer pairs, 0-based (default: uniform).", group="distillation", metavar="S:T,..."))
     distill_cache_logits: bool = field(default=True, metadata=_help(
-        "Prediction layer only: compute the teacher's logits once, cached on disk, not at every step.",
+        "Prediction layer only: the teacher's logits once, cached on disk.",
         group="distillation"))
     init_student_layers: Optional[str] = field(default=None, metadata=_help(
         "Build the model from these 0-based layers of --model.", group="distillation", metavar="L,L,..."))
@@ -295,6 +295,8 @@ class TrainArguments:
         "Replacement candidates per word (top K).", group="distillation", metavar="K"))
     augment_prob: float = field(default=0.4, metadata=_help(
         "Probability of replacing each word.", group="distillation", metavar="P"))
+    augment_passes: int = field(default=0, metadata=_help(
+        "Masked copies per sentence (0: one per word).", group="distillation", metavar="P"))
     augment_seed: int = field(default=0, metadata=_help(
         "Seed of the variants (shared by every --seed).", group="distillation", metavar="S"))
     distill_unlabeled_file: Optional[str] = field(default=None, metadata=_help(
@@ -468,12 +470,15 @@ class TrainArguments:
             raise UserError("--torch_compile with intermediate-layer distillation (--distill_hidden/"
                             "--distill_attention/--distill_embeddings) has not been tested (the losses tap the "
                             "compiled layers); drop one of them.")
+        if self.augment_passes < 0:
+            raise UserError(f"--augment_passes must be >= 0 (0: one masked copy per word), got {self.augment_passes}.")
         if self.distill_augment < 0 or self.augment_top_k < 1 or not 0 < self.augment_prob <= 1:
             raise UserError(f"--distill_augment must be >= 0 (got {self.distill_augment}), --augment_top_k >= 1 (got "
                             f"{self.augment_top_k}) and --augment_prob in (0, 1] (got {self.augment_prob}).")
         augment_flags = [f for f, given in (("--augment_model", self.augment_model is not None),
                                              ("--augment_top_k", self.augment_top_k != 15),
                                              ("--augment_prob", self.augment_prob != 0.4),
+                                             ("--augment_passes", self.augment_passes != 0),
                                              ("--augment_seed", self.augment_seed != 0)) if given]
         if augment_flags and not self.distill_augment:
             raise UserError(f"{', '.join(augment_flags)} only appl{'y' if len(augment_flags) > 1 else 'ies'} with "

@@ -157,7 +157,7 @@ def test_candidates_masked_lm_for_one_piece_words_embedding_neighbours_for_split
     (got,) = aug.candidates([words])
     vocab = word_vocabulary(tok)
     assert got[3] == [] and got[8] == []  # punctuation: never replaced
-    assert aug.stats == {"sentences": 1, "words": 9, "masked_lm": 4, "embedding": 3, "none": 2}
+    assert aug.stats == {"sentences": 1, "words": 9, "masked_lm": 4, "masked_copies": 4, "embedding": 3, "none": 2}
 
     enc = tok(words, is_split_into_words=True, return_tensors="pt")
     pieces = {}
@@ -186,6 +186,27 @@ def test_candidates_masked_lm_for_one_piece_words_embedding_neighbours_for_split
                     if same_kind(vocab.words[t], word)][:k]
         assert got[i] == expected and word not in got[i], (word, got[i], expected)
     assert all(len(c) == k for i, c in enumerate(got) if i not in (3, 8))
+
+
+def test_passes_mask_every_pth_word_together_and_enough_passes_equal_one_copy_per_word(mlm):
+    model, tok = mlm
+    words = ["the", "film", "was", "good", "and", "the", "music", "great", "."]
+    exact = Augmenter(model, tok, top_k=5).candidates([words])
+    assert Augmenter(model, tok, top_k=5, passes=50).candidates([words]) == exact  # one word per copy again
+    two = Augmenter(model, tok, top_k=5, passes=2)
+    (got,) = two.candidates([words])
+    assert two.stats["masked_copies"] == 2 and two.stats["masked_lm"] == 8 and got[8] == []
+    enc = tok(words, is_split_into_words=True, return_tensors="pt")
+    ids = enc["input_ids"].clone()
+    ids[0, [1, 3, 5, 7]] = tok.mask_token_id  # copy 0: words 0, 2, 4, 6 (tokens 1, 3, 5, 7) masked together
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=enc["attention_mask"]).logits[0]
+    vocab = word_vocabulary(tok)
+    for i, p in ((0, 1), (2, 3), (4, 5), (6, 7)):
+        order = logits[p].masked_fill(~vocab.valid, float("-inf")).argsort(descending=True).tolist()
+        expected = [vocab.words[t] for t in order
+                    if vocab.words[t] and vocab.words[t] != words[i] and same_kind(vocab.words[t], words[i])][:5]
+        assert got[i] == expected, (words[i], got[i], expected)
 
 
 def test_a_model_vocabulary_larger_than_the_tokenizer_never_proposes_the_padding_ids(tiny_model):
@@ -253,7 +274,9 @@ def test_flag_refusals():
                     ({"teacher_model": "t", "augment_model": "m", "augment_prob": 0.2},
                      "--augment_model, --augment_prob only apply with --distill_augment N"),
                     ({"distill_augment": 3}, "--distill_augment only adds rows for a teacher to label"),
-                    ({"teacher_model": "t", "augment_seed": 3}, "--augment_seed only applies with --distill_augment N"),
+                    ({"teacher_model": "t", "augment_seed": 3}, "--augment_seed only applies with --distill_augment"),
+                    ({"teacher_model": "t", "augment_passes": 4}, "--augment_passes only applies with"),
+                    ({"teacher_model": "t", "distill_augment": 2, "augment_passes": -1}, "--augment_passes must be >="),
                     ({"distill_unlabeled_file": "u.csv"}, "--distill_unlabeled_file only adds rows for a teacher"),
                     ({"teacher_model": "t", "distill_augment": -1}, "--distill_augment must be >= 0 (got -1)"),
                     ({"teacher_model": "t", "distill_augment": 2, "augment_top_k": 0}, "--augment_top_k >= 1 (got 0)"),

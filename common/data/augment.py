@@ -2,7 +2,9 @@
 
 For every word of a sentence the augmenter finds up to `top_k` candidate replacements, once:
 - a word the masked LM's tokenizer keeps as one piece: the masked LM's top predictions with that word masked
-  (one masked copy of the sentence per word, the LM head applied at the masked position only);
+  (one masked copy of the sentence per word, TinyBERT's way; with `passes` P, P copies per sentence, copy p masking
+  its one-piece words p, p + P, p + 2P, ...: about 1/P of the words masked together, P/words the cost; the LM head
+  applied at the masked positions only);
 - any other word (several pieces): its nearest neighbours by cosine similarity in the masked LM's input
   embeddings (the word's vector is the mean of its pieces'), among the vocabulary's whole-word tokens;
 - words without a letter or digit (punctuation) are never replaced; a word with letters gets candidates with
@@ -119,10 +121,11 @@ class Augmenter:
     its device; `autocast`: the run's autocast context factory."""
 
     def __init__(self, model, tokenizer, top_k: int, autocast: Callable = None, tokens_per_batch: int = 8192,
-                 max_length: int = 128):
+                 max_length: int = 128, passes: int = 0):
         import contextlib
 
         self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
+        self.passes = passes  # 0: one masked copy per word (TinyBERT); P: P copies, word j masked in copy j mod P
         self.autocast = autocast or contextlib.nullcontext
         self.tokens_per_batch, self.max_length = tokens_per_batch, max_length
         self.device = next(model.parameters()).device
@@ -132,7 +135,7 @@ class Augmenter:
         self.head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
         self._neighbours: dict[str, list] = {}
         self._unit = None
-        self.stats = {"sentences": 0, "words": 0, "masked_lm": 0, "embedding": 0, "none": 0}
+        self.stats = {"sentences": 0, "words": 0, "masked_lm": 0, "masked_copies": 0, "embedding": 0, "none": 0}
 
     def _valid(self, n: int) -> torch.Tensor:
         """Which of the first n ids are words; n, the model's vocabulary, may exceed the tokenizer's (embeddings
@@ -144,17 +147,19 @@ class Augmenter:
         return self.words[token_id] if token_id < len(self.words) else ""
 
     # -- masked LM --------------------------------------------------------------------------------------------
-    def _mlm_logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits at one position per row; the head runs at those positions only when the model
-        exposes it (BERT's `cls`, RoBERTa's `lm_head`)."""
-        rows = torch.arange(len(positions), device=self.device)
+    def _mlm_logits(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Vocabulary logits at (rows[i], positions[i]) (default: one position per row); the head runs at those
+        positions only when the model exposes it (BERT's `cls`, RoBERTa's `lm_head`)."""
+        rows = torch.arange(len(positions), device=self.device) if rows is None else rows
         if self.head is not None:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
             return self.head(hidden[rows, positions]).float()
         return self.model(input_ids=input_ids, attention_mask=attention).logits[rows, positions].float()
 
-    def _mlm_candidates(self, jobs: list) -> list[list[str]]:
-        """jobs: (token ids of the sentence, position to mask, original word); returns candidates per job."""
+    def _mlm_candidates(self, jobs: list) -> list[list[list[str]]]:
+        """jobs: (token ids of the sentence, positions to mask together, their original words); returns each job's
+        candidates per position."""
         mask_id = self.tokenizer.mask_token_id
         out: list = [None] * len(jobs)
         order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][0]))
@@ -166,21 +171,25 @@ class Augmenter:
             start += size
             ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             att = torch.zeros((len(chunk), width), dtype=torch.long)
-            pos = torch.zeros(len(chunk), dtype=torch.long)
+            rows, pos = [], []
             for r, j in enumerate(chunk):
-                seq, p, _ = jobs[j]
+                seq, positions, _ = jobs[j]
                 ids[r, :len(seq)] = torch.tensor(seq)
                 att[r, :len(seq)] = 1
-                ids[r, p], pos[r] = mask_id, p
+                ids[r, positions] = mask_id
+                rows.extend([r] * len(positions))
+                pos.extend(positions)
             with torch.inference_mode(), self.autocast():
-                logits = self._mlm_logits(ids.to(self.device), att.to(self.device), pos.to(self.device))
+                logits = self._mlm_logits(ids.to(self.device), att.to(self.device),
+                                          torch.tensor(pos, device=self.device), torch.tensor(rows, device=self.device))
             logits = logits.masked_fill(~self._valid(logits.shape[-1]), float("-inf"))
-            top = logits.topk(min(2 * self.top_k + 5, logits.shape[-1]), dim=-1).indices.cpu().tolist()
-            for r, j in enumerate(chunk):
-                original = jobs[j][2].lower()
-                words = [self._word(t) for t in top[r]]
-                out[j] = [w for w in dict.fromkeys(words) if w and w.lower() != original
-                          and same_kind(w, jobs[j][2])][: self.top_k]
+            top = iter(logits.topk(min(2 * self.top_k + 5, logits.shape[-1]), dim=-1).indices.cpu().tolist())
+            for j in chunk:
+                out[j] = []
+                for word in jobs[j][2]:
+                    words = [self._word(t) for t in next(top)]
+                    out[j].append([w for w in dict.fromkeys(words) if w and w.lower() != word.lower()
+                                   and same_kind(w, word)][: self.top_k])
         return out
 
     # -- embedding neighbours ---------------------------------------------------------------------------------
@@ -223,22 +232,30 @@ class Augmenter:
             for p, w in enumerate(word_ids):
                 if w is not None:
                     spans.setdefault(w, []).append(p)
+            single = []
             for i, word in enumerate(words):
                 if not is_word(word):
                     continue
                 if len(spans.get(i, ())) == 1:
-                    jobs.append((enc["input_ids"][k], spans[i][0], word))
-                    where.append((k, i))
+                    single.append(i)
                 else:  # several pieces (or cut off by truncation): embedding neighbours
                     multi.append((k, i))
-        for (k, i), cands in zip(where, self._mlm_candidates(jobs)):
-            result[k][i] = cands
+            groups = ([[i] for i in single] if not self.passes
+                      else [single[p::self.passes] for p in range(min(self.passes, len(single)))])
+            for group in groups:  # one masked copy of the sentence per group
+                jobs.append((enc["input_ids"][k], [spans[i][0] for i in group], [words[i] for i in group]))
+                where.append([(k, i) for i in group])
+        for places, cands in zip(where, self._mlm_candidates(jobs)):
+            for (k, i), c in zip(places, cands):
+                result[k][i] = c
         self._neighbours_of([sentences[k][i] for k, i in multi])
         for k, i in multi:
             result[k][i] = self._neighbours[sentences[k][i]]
-        self.stats["masked_lm"] += len(where)
+        masked = sum(len(w) for w in where)
+        self.stats["masked_lm"] += masked
+        self.stats["masked_copies"] += len(jobs)
         self.stats["embedding"] += len(multi)
-        self.stats["none"] += sum(len(s) for s in sentences) - len(where) - len(multi)
+        self.stats["none"] += sum(len(s) for s in sentences) - masked - len(multi)
         return result
 
     def augment(self, rows: Sequence[Sequence[Words]], n: int, prob: float, seed: int,

@@ -96,7 +96,8 @@ def load_augmenter(ctx):
         raise UserError(f"{flag} '{name}' has no mask token; --augment_model must be a masked LM (BERT, RoBERTa, ...).")
     model = built.model.eval().requires_grad_(False).to(ctx.accelerator.device)
     return Augmenter(model, tokenizer, args.augment_top_k, ctx.accelerator.autocast,
-                     max_length=min(512, getattr(model.config, "max_position_embeddings", 512)))
+                     max_length=min(512, getattr(model.config, "max_position_embeddings", 512)),
+                     passes=args.augment_passes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +157,8 @@ def build_variants(ctx, source, row_ids: np.ndarray, path: str, augmenter, seed:
         stats = {k: int(sum(s[k] for s in gather_object([stats]))) for k in stats}
     acc.wait_for_everyone()
     return {"variants": made, "sentences": stats["sentences"], "words": stats["words"],
-            "words_from_masked_lm": stats["masked_lm"], "words_from_embeddings": stats["embedding"],
+            "words_from_masked_lm": stats["masked_lm"], "masked_copies": stats["masked_copies"],
+            "words_from_embeddings": stats["embedding"],
             "words_never_replaced": stats["none"]}
 
 
@@ -211,7 +213,7 @@ def build(task, ctx, data) -> Transfer:
         aug_fp = model_fingerprint(aug_name, ctx.model_args)
         words_fp = hashlib.sha256(json.dumps(source.row_words(row_ids.tolist())).encode()).hexdigest()[:16]
         key = _sha(VERSION, aug_fp, words_fp, args.distill_augment, args.augment_top_k, args.augment_prob, seed,
-                   acc.mixed_precision, acc.device.type)
+                   acc.mixed_precision, acc.device.type, args.augment_passes)
         path = os.path.join(cache_folder(), f"variants-{key}.parquet")
         if ctx.data_args.overwrite_cache and acc.is_local_main_process and os.path.isfile(path):
             os.unlink(path)
@@ -227,7 +229,8 @@ def build(task, ctx, data) -> Transfer:
             del augmenter
         variants = datasets.Dataset.from_parquet(path, cache_dir=os.path.join(cache_folder(), "arrow"))
         info["augment"] = {"model": aug_name, "model_fingerprint": aug_fp, "n": args.distill_augment,
-                           "top_k": args.augment_top_k, "prob": args.augment_prob, "key": key, "cache_hit": hit,
+                           "top_k": args.augment_top_k, "prob": args.augment_prob, "passes": args.augment_passes,
+                           "key": key, "cache_hit": hit,
                            "variants": len(variants), "seconds": round(time.perf_counter() - t0, 2),
                            "file_mb": round(os.path.getsize(path) / 2**20, 2), **stats}
         cache_hits["variants"] = hit
