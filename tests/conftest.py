@@ -64,6 +64,18 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def quiet_student(tiny_model, tmp_path_factory):
+    """The tiny student without dropout: runs that must agree across process counts draw no random masks."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("quiet")
+    AutoModelForMaskedLM.from_pretrained(tiny_model, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return str(path)
+
+
 def preempt_at_step(monkeypatch, step: int):
     """Send this process SIGTERM right after the loop logs the training loss of optimizer step `step`; returns the
     original Trainer.record, to put back before resuming."""

@@ -61,18 +61,6 @@ def teachers(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quiet_student(tiny_model, tmp_path_factory):
-    """The tiny student without dropout: runs that must agree across process counts draw no random masks."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("quiet")
-    AutoModelForMaskedLM.from_pretrained(tiny_model, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def ner_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ner-kd")
     rng = random.Random(3)

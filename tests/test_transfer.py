@@ -38,18 +38,6 @@ def mlm(tiny_model):
     return AutoModelForMaskedLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def quiet_student(tiny_model, tmp_path_factory):
-    """The tiny student without dropout: runs that must agree across process counts draw no random masks."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("quiet")
-    AutoModelForMaskedLM.from_pretrained(tiny_model, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
-    return str(path)
-
-
 def toy_rows(n: int, seed: int = 0) -> list:
     rng = random.Random(seed)
     return [[toy_sentence(rng, rng.randint(0, 1)).split()] for _ in range(n)]
@@ -119,9 +107,24 @@ def test_prob_is_the_share_of_replaced_words_and_duplicates_are_dropped():
 # Candidates from the masked LM
 # ---------------------------------------------------------------------------------------------
 
-def test_word_vocabulary_holds_whole_words_only(tmp_path):
+def byte_level_tokenizer(path, words: list, vocab_size: int):
+    """A RoBERTa-style byte-level BPE tokenizer trained on filler text with `words`, saved to `path`."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import AutoTokenizer, BertTokenizerFast, RobertaTokenizerFast
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    rng = random.Random(0)
+    bpe.train_from_iterator([" ".join(rng.choice(FILLER + words) for _ in range(8)) for _ in range(200)],
+                            vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                               cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_word_vocabulary_holds_whole_words_only(tmp_path):
+    from transformers import AutoTokenizer, BertTokenizerFast
 
     from conftest import _vocab
 
@@ -134,14 +137,7 @@ def test_word_vocabulary_holds_whole_words_only(tmp_path):
     assert word_start_marker(bert) == "" and vocab.valid.sum() == len(words)
 
     # byte-level BPE: only pieces that start a word ('Ġ'), bytes decoded ('ĠcafÃ©' -> 'café')
-    bpe = ByteLevelBPETokenizer()
-    rng = random.Random(0)
-    bpe.train_from_iterator([" ".join(rng.choice(FILLER + ["café", "unbelievable"]) for _ in range(8))
-                             for _ in range(200)], vocab_size=400, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                               cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
-    tok.save_pretrained(tmp_path)
+    byte_level_tokenizer(tmp_path, ["café", "unbelievable"], 400)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     words = {w for w in word_vocabulary(tok).words if w}
     assert word_start_marker(tok) == "Ġ" and {"café", "unbelievable", "movie"} <= words
@@ -232,17 +228,9 @@ def aug_ctx(model_dir, teacher=None, augment=None, top_k=4):
 
 
 def test_augment_model_a_byte_level_masked_lm_sees_each_word_with_its_leading_space(tmp_path):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+    from transformers import RobertaConfig, RobertaForMaskedLM
 
-    bpe = ByteLevelBPETokenizer()
-    rng = random.Random(0)
-    bpe.train_from_iterator([" ".join(rng.choice(FILLER + ["alice", "paris"]) for _ in range(8))
-                             for _ in range(200)], vocab_size=350, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                               cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
-    tok.save_pretrained(tmp_path)
+    tok = byte_level_tokenizer(tmp_path, ["alice", "paris"], 350)
     RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=40,
                                      pad_token_id=1)).save_pretrained(tmp_path)
