@@ -223,7 +223,7 @@ def test_a_model_vocabulary_larger_than_the_tokenizer_never_proposes_the_padding
 def aug_ctx(model_dir, teacher=None, augment=None, top_k=4):
     from accelerate import Accelerator
 
-    args = SimpleNamespace(augment_model=augment, teacher_model=teacher, augment_top_k=top_k)
+    args = SimpleNamespace(augment_model=augment, teacher_model=teacher, augment_top_k=top_k, augment_passes=0)
     return SimpleNamespace(args=args, model_args=ModelArguments(model=model_dir), accelerator=Accelerator(cpu=True))
 
 
