@@ -48,6 +48,7 @@ from ..log import logger
 from ..task import Objective, model_inputs
 from . import transfer
 from .models import encoder_layers, load_config, load_pretrained, load_tokenizer, model_fingerprint
+from .runtime import on_every_process
 
 FLAG = "--teacher_model"
 PROJECTION = "distill_projection"  # the student's attribute holding the projection (never saved with it)
@@ -221,10 +222,7 @@ def cached_logits(key: str, n: int, compute: Callable[[], LogitStore], accelerat
     if overwrite and accelerator.is_local_main_process and os.path.isfile(path):
         os.unlink(path)
     accelerator.wait_for_everyone()
-    have = torch.tensor([1.0 if os.path.isfile(path) else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:  # every process must find it, or all compute together
-        have = accelerator.gather(have)
-    if bool(have.min() > 0):
+    if on_every_process(accelerator, os.path.isfile(path)):  # every process must find it, or all compute together
         saved = load_file(path)
         if len(saved["offsets"]) == n + 1:
             return LogitStore(saved["values"], saved["offsets"]), True

@@ -349,3 +349,12 @@ def setup_info(runtime: Runtime) -> dict:
     if dev.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def on_every_process(accelerator, value: bool) -> bool:
+    """True when `value` holds on every process (a cache file every machine must find, or all build it together).
+    Collective."""
+    have = torch.tensor([1.0 if value else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        have = accelerator.gather(have)
+    return bool(have.min() > 0)

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..files import honour_umask
 from ..log import logger
 from .models import byte_level, file_sha256, load_pretrained, load_tokenizer, model_fingerprint
+from .runtime import on_every_process
 
 VERSION = "1"  # bump when what the cached variants hold changes
 CHUNK = 256    # examples per augmentation chunk (one process, one gather)
@@ -218,7 +219,7 @@ def build(task, ctx, data) -> Transfer:
         if ctx.data_args.overwrite_cache and acc.is_local_main_process and os.path.isfile(path):
             os.unlink(path)
         acc.wait_for_everyone()
-        hit = _everywhere(acc, os.path.isfile(path))
+        hit = on_every_process(acc, os.path.isfile(path))
         stats = {}
         if not hit:  # the masked LM is loaded only to build them
             with progress.phase("loading the masked LM for augmentation", aug_name):
@@ -284,16 +285,6 @@ def build(task, ctx, data) -> Transfer:
                 "(%.1fx the training set); built in %.1f s", info["originals"], info["variants"],
                 info["unlabeled_rows"], len(train), len(train) / max(1, info["originals"]), info["build_seconds"])
     return Transfer(transfer_pool, train, index, info, samples)
-
-
-def _everywhere(acc, value: bool) -> bool:
-    """True when every process has it (a file every machine must find, or all build it together)."""
-    import torch
-
-    have = torch.tensor([1.0 if value else 0.0], device=acc.device)
-    if acc.num_processes > 1:
-        have = acc.gather(have)
-    return bool(have.min() > 0)
 
 
 def identity(info: dict) -> Optional[dict]:
