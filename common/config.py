@@ -241,6 +241,9 @@ class TrainArguments:
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes.", group="speed"))
     torch_compile: bool = field(default=False, metadata=_help(
         "Compile the model with torch.compile.", group="speed"))
+    cuda_graphs: Literal["auto", "on", "off"] = field(default="auto", metadata=_help(
+        "Steps as CUDA graphs, one per padded length: auto (on a GPU, kept if measured faster), on, off.",
+        group="speed"))
     ddp_timeout: int = field(default=1800, metadata=_help(
         "Seconds before a collective gives up (a dead rank then ends the job instead of hanging).",
         group="checkpoints"))

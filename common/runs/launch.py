@@ -62,7 +62,7 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
         validate.check_output_path(args.output_dir)
     validate.check_inputs_outside(args.output_dir, validate.input_paths(model_args, data_args, args),
                                   clearing=args.overwrite_output_dir and not args.resume_from_checkpoint)
-    runtime = make_runtime(args, args.output_dir)
+    runtime = make_runtime(args, args.output_dir, model_args)
     try:
         main_here = runtime.accelerator.is_local_main_process
         setup_logging(main_here, bars=progress.configure(args.progress, main_here) in ("bar", "widget"))

@@ -15,14 +15,14 @@ import torch
 from .. import hub, progress
 from ..config import parse_layers, to_jsonable
 from ..data import validate
-from ..data.collate import PadCollator, length_sorted, pad_multiple
+from ..data.collate import PadCollator, graph_buckets, length_sorted, pad_multiple
 from ..errors import EXIT_PREEMPTED, UserError
 from ..log import logger
 from ..shipping import onnx_predict
 from ..task import BuiltModel, Context, Objective, PreparedData, Task, write_predictions
+from ..training import capture, distill
 from ..training import checkpoint as ckpt
-from ..training import distill
-from ..training.build import build_training, check_fsdp_model, eval_batch_size, eval_loader
+from ..training.build import build_training, check_fsdp_model, eval_batch_size, eval_loader, planned_optimizer
 from ..training.evaluation import evaluate
 from ..training.loop import CKPT_DIR, Preempted, Trainer
 from ..training.models import check_max_length, keep_layers, load_config, load_tokenizer
@@ -38,6 +38,7 @@ class RunInputs:
     objective: Objective
     collator: PadCollator
     pad_multiple: int | None
+    buckets: list | None = None  # --cuda_graphs: the padded lengths (collate.graph_buckets)
 
 
 def prepare_run(task: Task, ctx: Context) -> RunInputs:
@@ -90,7 +91,11 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     ctx.timings["tokenizer_and_model_seconds"] = time.perf_counter() - t0 - ctx.timings["load_and_tokenize_seconds"]
     multiple = pad_multiple(args, ctx.accelerator)
     static = ctx.accelerator.distributed_type == "XLA" or args.pad_to_max_length
-    base = PadCollator(ctx.tokenizer.pad_token_id, multiple, ctx.data_args.max_length if static else None)
+    # Steps that may be captured as CUDA graphs: lengths padded to a few buckets (a graph each)
+    buckets = graph_buckets() if onnx is None and capture.static_reason(args, ctx.accelerator, planned_optimizer(
+        args, ctx.accelerator.device)) is None else None
+    base = PadCollator(ctx.tokenizer.pad_token_id, multiple, ctx.data_args.max_length if static else None,
+                       buckets=buckets)
     objective = task.objective(ctx, data, built)
     if args.metric_for_best_model:
         validate.check_metric(args.metric_for_best_model, objective.metric_names, task.name)
@@ -101,7 +106,7 @@ def prepare_run(task: Task, ctx: Context) -> RunInputs:
     if args.teacher_model:  # the task's objective, wrapped: the teacher checked and its logits cached, or loaded
         objective = distill.setup(task, ctx, data, built, objective, collator)
     ctx.timings["prepare_seconds"] = time.perf_counter() - t0
-    return RunInputs(data, built, objective, collator, multiple)
+    return RunInputs(data, built, objective, collator, multiple, buckets)
 
 
 def resume_point(args) -> str | None:
@@ -130,7 +135,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     if ctx.split is not None:
         identity["split"] = [ctx.split.seed, ctx.split.kfold, ctx.split.fold]
     training = build_training(inputs.objective, inputs.built.model, args, accelerator, data.train, eval_sorted,
-                              inputs.collator)
+                              inputs.collator, inputs.buckets)
     trainer = Trainer(inputs.objective, training, args, ctx.runtime, args.output_dir, identity)
     trainer.on_evaluate = ctx.on_evaluate
     checked = trainer.check_checkpoint(resume) if resume is not None else None
@@ -325,6 +330,7 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
     if ctx.accelerator.num_processes > 1:  # collective: every process's peak (sharding shows here)
         rss = ctx.accelerator.gather(torch.tensor([timing["peak_rss_mb"]], device=ctx.accelerator.device))
         timing["peak_rss_mb_per_process"] = [round(float(x), 1) for x in rss.tolist()]
+    timing["capture_seconds"] = trainer.graph_stats.capture_seconds  # recording CUDA graphs (in train_steps_seconds)
     if args.torch_compile:  # graphs compiled by dynamo: a handful, not one per batch shape
         from torch._dynamo.utils import counters
 
@@ -335,7 +341,7 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
     setup = setup_info(ctx.runtime) | {
         "optimizer": t.optimizer_implementation, "torch_compile": args.torch_compile,
         "fast_dropout": bool(t.fast_dropout), "eval_batch_size": t.eval_batch_size,
-        "pad_to_multiple_of": inputs.pad_multiple,
+        "pad_to_multiple_of": inputs.pad_multiple, "cuda_graphs": trainer.graph_stats.as_dict(),
         "loss_items_per_step": t.items_per_step,  # set: the fixed per-step denominator (token tasks, grouped)
         "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
     if t.sharding:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import TrainArguments
-from ..data.collate import LengthGroupedSampler, SeededRandomSampler
+from ..data.collate import LengthGroupedSampler, SeededRandomSampler, bucket_of
 from ..errors import UserError
 
 # Devices where auto picks fused AdamW (PyTorch has it for CUDA, XPU, MPS and, since 2.4, CPU). On the
@@ -41,6 +41,15 @@ class Training:
     logging_steps: int
     items_per_step: Optional[float]  # fixed loss denominator (token tasks, length-grouped), else None
     sharding: Optional[dict] = None  # FSDP: its settings and the parameters each process holds
+    buckets: Optional[list] = None   # --cuda_graphs: the padded lengths batches take (collate.graph_buckets)
+    train_shapes: int = 0            # ... how many of them the training rows reach (a graph each)
+
+
+def planned_optimizer(args: TrainArguments, device: torch.device) -> str:
+    """The AdamW implementation --optim asks for on this device (build_optimizer may fall back from fused)."""
+    if args.optim != "auto":
+        return args.optim
+    return "adamw_torch_fused" if device.type in FUSED_ADAMW_DEVICES else "adamw_torch_foreach"
 
 
 def build_optimizer(model, args: TrainArguments, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
@@ -53,9 +62,7 @@ def build_optimizer(model, args: TrainArguments, device: torch.device) -> tuple[
          else decay).append(param)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    choice = args.optim
-    if choice == "auto":
-        choice = "adamw_torch_fused" if device.type in FUSED_ADAMW_DEVICES else "adamw_torch_foreach"
+    choice = planned_optimizer(args, device)
     if choice == "adamw_torch_fused":
         kw["fused"] = True  # one kernel for all parameters
     elif choice == "adamw_torch_foreach":
@@ -178,7 +185,7 @@ def eval_loader(dataset, batch_size: int, collator, args: TrainArguments) -> Dat
 
 
 def build_training(objective, model, args: TrainArguments, accelerator, train_dataset, eval_dataset,
-                   collator) -> Training:
+                   collator, buckets: Optional[list] = None) -> Training:
     device = accelerator.device
     batch_size = args.per_device_train_batch_size
     sampler = (LengthGroupedSampler(train_dataset["length"], batch_size, args.seed) if args.group_by_length
@@ -224,4 +231,14 @@ def build_training(objective, model, args: TrainArguments, accelerator, train_da
                     batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch,
                     total_steps=total_steps, num_epochs=math.ceil(total_steps / steps_per_epoch),
                     warmup_steps=warmup_steps, logging_steps=args.logging_steps or max(1, min(50, total_steps // 40)),
-                    items_per_step=items_per_step, sharding=sharding)
+                    items_per_step=items_per_step, sharding=sharding, buckets=buckets,
+                    train_shapes=bucket_count(train_dataset, buckets))
+
+
+def bucket_count(dataset, buckets: Optional[list]) -> int:
+    """The padded lengths the rows of `dataset` reach (their `length` column), or every bucket without one."""
+    if not buckets:
+        return 0
+    if "length" not in getattr(dataset, "column_names", ()):
+        return len(buckets)
+    return len({bucket_of(int(n), buckets) for n in set(dataset["length"])})

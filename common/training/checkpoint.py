@@ -117,6 +117,17 @@ def _unwrap(accelerator, model):
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
+def plain(value):
+    """JSON-ready: tensors (a learning rate the schedule fills in a device tensor, --cuda_graphs) as numbers."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 def write_state(accelerator, model, optimizer, folder: str) -> None:
     """Collective: the model, optimizer (and fp16 scaler) state into `folder`, without pickle (main process), or
     through accelerate for sharded setups (every process; their random-state pickles are removed, unused)."""
@@ -141,7 +152,7 @@ def write_state(accelerator, model, optimizer, folder: str) -> None:
                 else:
                     scalars[f"{pid}.{key}"] = value
         save_file(tensors, os.path.join(folder, OPTIMIZER_FILE), metadata={
-            "format": FORMAT, "param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)})
+            "format": FORMAT, "param_groups": json.dumps(plain(state["param_groups"])), "scalars": json.dumps(scalars)})
         if accelerator.scaler is not None:
             with open(os.path.join(folder, SCALER_FILE), "w", encoding="utf-8") as fh:
                 json.dump(accelerator.scaler.state_dict(), fh)

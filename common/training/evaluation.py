@@ -4,6 +4,7 @@ common length across processes first."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -21,15 +22,17 @@ class EvalResult:
         return len(next(iter(self.outputs.values()))) if self.outputs else 0
 
 
-def evaluate(model, objective, dataloader, accelerator, desc: str = "eval") -> EvalResult:
+def evaluate(model, objective, dataloader, accelerator, desc: str = "eval",
+             run_batch: Optional[Callable[[dict], dict]] = None) -> EvalResult:
     """Collective: run the objective's eval_outputs over a prepared dataloader and compute metrics (a
-    progress bar named `desc` on the main process)."""
+    progress bar named `desc` on the main process). `run_batch`: what computes a batch's outputs instead
+    (captured evaluation, training/capture.py)."""
     was_training = model.training
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for batch in progress.track(dataloader, desc):
-            outs = objective.eval_outputs(model, batch)
+            outs = objective.eval_outputs(model, batch) if run_batch is None else run_batch(batch)
             for key, pad in objective.eval_pad_values.items():
                 if key in outs:
                     outs[key] = accelerator.pad_across_processes(outs[key], dim=1, pad_index=pad)

@@ -24,6 +24,7 @@ from ..config import TrainArguments
 from ..errors import Diverged, UserError
 from ..files import honour_umask_files
 from ..log import logger
+from . import capture
 from . import checkpoint as ckpt
 from .build import Training
 from .evaluation import EvalResult, evaluate
@@ -103,6 +104,9 @@ class Trainer:
         self.on_evaluate: Optional[Callable[[int, float, float, bool], None]] = None
         self._first_bad = torch.full((), -1, device=accelerator.device, dtype=torch.long)  # step of a NaN/inf loss
         self._grad_norm = None
+        # --cuda_graphs: the captured programs (capture.py), made when training starts; None: eager steps.
+        self.graphs: Optional[capture.StepGraphs] = None
+        self.graph_stats = capture.Stats(mode=args.cuda_graphs, buckets=list(training.buckets or ()))
         # The fixed per-step loss denominator of token tasks under length grouping (see build.py).
         self._fixed_items = (None if training.items_per_step is None else
                              torch.tensor(training.items_per_step, device=accelerator.device, dtype=torch.float64))
@@ -113,21 +117,24 @@ class Trainer:
         if resume_from:
             self.load_checkpoint(resume_from)
         state = self.state
-        logger.info("training: %d examples, %d processes, %d micro-batches/epoch/process, accumulation %d, "
-                    "%d optimizer steps (%d epochs), warmup %d, precision %s (%s), device %s",
-                    t.train_examples, acc.num_processes, t.batches_per_epoch, args.gradient_accumulation_steps,
-                    t.total_steps, t.num_epochs, t.warmup_steps, acc.mixed_precision, self.precision_reason, acc.device)
         meter = StepMeter(acc.device)
-        check_every_step = acc.device.type == "cpu"  # reading the NaN flag is a host sync: free on CPU only
+        self.graphs = self._make_graphs(meter)
+        logger.info("training: %d examples, %d processes, %d micro-batches/epoch/process, accumulation %d, "
+                    "%d optimizer steps (%d epochs), warmup %d, precision %s (%s), device %s, %s",
+                    t.train_examples, acc.num_processes, t.batches_per_epoch, args.gradient_accumulation_steps,
+                    t.total_steps, t.num_epochs, t.warmup_steps, acc.mixed_precision, self.precision_reason, acc.device,
+                    "CUDA graphs (--cuda_graphs %s)" % args.cuda_graphs if self.graphs is not None
+                    else f"eager steps ({self.graph_stats.reason})")
+        # Reading the NaN flag is a host sync: every step on CPU (free), unless the steps run as graphs would on
+        # a GPU (BERT_FINETUNE_CAPTURE=simulate), so that tests see the GPU's syncs.
+        check_every_step = acc.device.type == "cpu" and self.graphs is None
         t_start = time.perf_counter() - state.train_seconds  # a resumed run keeps counting its time
         t_first = time.perf_counter()
         self.model.train()
         with self._signal_handlers(), progress.bar(t.total_steps, "train", initial=state.global_step) as bar:
             for window, end_of_epoch in self._windows():
                 window = self._prepare_window(window)
-                items, loss = self._forward_backward(window, meter)
-                if self._optimizer_step(loss):  # False: a non-finite step skipped (--skip_nonfinite)
-                    meter.add_step(loss, items)
+                if self._step(window, meter):  # False: a non-finite step skipped (--skip_nonfinite)
                     state.samples_seen += sum(len(b["input_ids"]) for b in window) * acc.num_processes
                 state.global_step += 1
                 state.batches_in_epoch += len(window) * acc.num_processes
@@ -184,6 +191,36 @@ class Trainer:
             torch.manual_seed(self._micro_seed(i, stream=1))
             window[i] = self.objective.prepare_batch(window[i])
         return window
+
+    def _make_graphs(self, meter: StepMeter) -> Optional[capture.StepGraphs]:
+        """The captured programs of this run, or None (the reason in graph_stats, logged with the training line)."""
+        t = self.training
+        reason = capture.static_reason(self.args, self.accelerator, t.optimizer_implementation)
+        if reason is None:
+            try:
+                graphs = capture.StepGraphs(self.objective, t, self.args, self.accelerator, meter, self._first_bad,
+                                            self.graph_stats, t.train_shapes)
+                graphs.start(self.state.global_step)
+                return graphs
+            except capture.NotCapturable as err:
+                reason = str(err)
+        self.graph_stats.reason = reason
+        if self.args.cuda_graphs == "on":
+            logger.warning("--cuda_graphs on: the steps run eagerly: %s", reason)
+        return None
+
+    def _step(self, window: list, meter: StepMeter) -> bool:
+        """Forward, backward and the optimizer step of one window: replayed as CUDA graphs, or eagerly."""
+        if self.graphs is not None:
+            set_sync_gradients(self.accelerator, True)  # accelerate's optimizer wrapper steps at a window's end
+            self.graphs.run_window(window, self._micro_seed)  # adds to the meter on the device
+            self._grad_norm = self.graphs.grad_norm if self.args.max_grad_norm > 0 else None
+            return True
+        items, loss = self._forward_backward(window, meter)
+        if not self._optimizer_step(loss):
+            return False
+        meter.add_step(loss, items)
+        return True
 
     def _forward_backward(self, window: list, meter: StepMeter) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradients of one window; returns (items over all processes, summed loss here)."""
@@ -319,7 +356,9 @@ class Trainer:
     def save_checkpoint(self, kind: str = "periodic") -> str:
         self.state.kind = kind
         self.state.num_processes = self.accelerator.num_processes
-        self.state.scheduler = {k: v for k, v in self.training.scheduler.state_dict().items() if k != "lr_lambdas"}
+        # (with --cuda_graphs the learning rates are device tensors: saved as numbers)
+        self.state.scheduler = {k: ckpt.plain(v) for k, v in self.training.scheduler.state_dict().items()
+                                if k != "lr_lambdas"}
         name = BEST if kind == "best" else f"step_{self.state.global_step}"
         path = ckpt.save_checkpoint(self.accelerator, self.model, self.training.optimizer, self.ckpt_root, name,
                                     self.state, self.history)
@@ -364,7 +403,9 @@ class Trainer:
     def evaluate(self, dataloader=None, desc: str = "eval") -> EvalResult:
         """Collective: evaluate the model on a prepared loader (default: the validation loader)."""
         loader = dataloader if dataloader is not None else self.training.eval_dl
-        return evaluate(self.model, self.objective, loader, self.accelerator, desc)
+        graphs = self.graphs
+        run = None if graphs is None else (lambda batch: graphs.eval_outputs(batch, self.training.eval_batch_size))
+        return evaluate(self.model, self.objective, loader, self.accelerator, desc, run_batch=run)
 
     def evaluate_initial(self) -> None:
         """Evaluate the weights before any training step (logged at step 0, kept in the trainer state)."""

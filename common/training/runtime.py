@@ -11,7 +11,7 @@ import platform
 import resource
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -59,8 +59,30 @@ def cuda_bf16_is_native() -> bool:
     return bool(torch.version.hip) or torch.cuda.get_device_capability() >= (8, 0)
 
 
-def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[str, str]:
-    """(mixed_precision, why). Unset -> the accelerate launcher's setting if any, else 'auto'."""
+# `auto` on a GPU with native bf16, eager steps: bf16 only from this many non-embedding parameters x rows per
+# micro-batch. Measured point (issue 24, H200): MiniLM-L6 (10.6M) x 32 rows = 3.4e8 ran 1.4x SLOWER in bf16
+# (autocast's casts added 8.7 ms of launches to a 20 ms step). The crossover is estimated where fp32 matmul time
+# (~50 TFLOP/s on such short rows; 6 FLOPs per parameter and token, ~64 tokens a row) exceeds that overhead
+# (bf16 ~400 TFLOP/s): 6 x 64 x work x (1/50e12 - 1/400e12) > 8.7e-3 s -> work > 1.3e9. Not measured yet:
+# bench/gpu/run.sh measures MiniLM at batch 32 and 256 in both precisions to check it.
+BF16_EAGER_WORK = 1.3e9
+
+
+def non_embedding_parameters(config) -> Optional[int]:
+    """The encoder layers' matrix parameters (attention 4 h^2, feed-forward 2 h i per layer), from a config."""
+    h, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not h or not layers:
+        return None
+    return int(layers * (4 * h * h + 2 * h * (getattr(config, "intermediate_size", None) or 4 * h)))
+
+
+def resolve_precision(requested: Optional[str], device: torch.device, captured: bool = False,
+                      work: Optional[Callable[[], Optional[float]]] = None) -> tuple[str, str]:
+    """(mixed_precision, why). Unset -> the accelerate launcher's setting if any, else 'auto'.
+
+    On a CUDA GPU with native bf16, auto picks bf16 for captured steps (a graph launches autocast's casts with
+    everything else) and, for eager steps, only when `work()` (non-embedding parameters x rows per micro-batch)
+    reaches BF16_EAGER_WORK: a small model's eager step is bound by kernel launches, which bf16 adds."""
     why = "--mixed_precision"
     if requested is None:
         env = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -68,8 +90,17 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> tuple[s
     requested = requested.lower()
     kind = device.type
     if requested == "auto":
+        if kind == "cuda" and not cuda_bf16_is_native():
+            return "fp16", "auto: CUDA without native bf16"
+        if kind == "cuda" and captured:
+            return "bf16", "auto: CUDA, captured steps"
         if kind == "cuda":
-            return ("bf16" if cuda_bf16_is_native() else "fp16"), "auto: CUDA"
+            size = work() if work is not None else None
+            if size is None or size >= BF16_EAGER_WORK:
+                return "bf16", ("auto: CUDA, eager steps" + (f", {size:.2g} parameter-rows per micro-batch >= "
+                                                            f"{BF16_EAGER_WORK:.2g}" if size else ""))
+            return "no", (f"auto: CUDA, eager steps of {size:.2g} parameter-rows per micro-batch (< "
+                          f"{BF16_EAGER_WORK:.2g}: launch-bound, where bf16's casts cost more than they save)")
         if kind == "xla":
             return "bf16", "auto: XLA"
         if kind == "cpu" and cpu_bf16_is_fast():
@@ -214,7 +245,7 @@ def check_launch(on_cpu: bool) -> None:
     logger.warning("MASTER_ADDR/MASTER_PORT are set but this process has no rank: if %s", message)
 
 
-def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
+def make_runtime(args: TrainArguments, project_dir: str, model_args=None) -> Runtime:
     """Create the Accelerator, making sure a multi-process launch really gets several ranks and that
     FSDP, DeepSpeed, XLA or a device asked for by the launch is given or refused (engines.py)."""
     from accelerate import Accelerator, PartialState
@@ -249,12 +280,25 @@ def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
     if world > 1 and state.num_processes == 1:
         raise UserError(f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one "
                         "process group; set ACCELERATE_USE_CPU=1 or fix the accelerate config.")
-    precision, why = resolve_precision(args.mixed_precision, state.device)
+    from .capture import check_request
+
+    check_request(args.cuda_graphs, state.device)  # --cuda_graphs on off CUDA: refused before anything is written
+    precision, why = resolve_precision(args.mixed_precision, state.device, captured=graphs_planned(args, request),
+                                       work=lambda: _work(args, model_args))
     if state.device.type == "cuda" and os.environ.get("BERT_FINETUNE_CUDNN_SDPA", "0") != "1":
         # cuDNN's attention builds a new graph for every new sequence length; with dynamic padding
         # that made bf16 training several times slower than fp32 on an H100. Flash/efficient SDPA don't.
         torch.backends.cuda.enable_cudnn_sdp(False)
     fsdp_plugin = _fsdp_plugin() if fsdp_cpu else None
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))]
+    extra = {}
+    if state.device.type == "cuda":
+        from accelerate.utils import AutocastKwargs, DataLoaderConfiguration
+
+        # A graph cannot hold autocast's cache of cast weights (PyTorch's CUDA graphs notes); in eager steps each
+        # weight is cast once per forward anyway. Batches (pinned) go to the GPU without the host waiting.
+        handlers.append(AutocastKwargs(cache_enabled=False))
+        extra["dataloader_config"] = DataLoaderConfiguration(non_blocking=True)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,
@@ -262,16 +306,34 @@ def make_runtime(args: TrainArguments, project_dir: str) -> Runtime:
         log_with=_trackers(args.report_to),
         project_dir=project_dir,
         rng_types=[],  # we reseed per micro-step from (seed, step); nothing to synchronise
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+        kwargs_handlers=handlers,
         # Dynamic shapes from the first step: batches come in a few padded lengths (and a short last
         # batch), and a static first graph would be compiled, thrown away and compiled again as dynamic
         # at the second length (measured: 22 s + 28 s on an H100 for MiniLM; now one compile).
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if args.torch_compile else None,
         fsdp_plugin=fsdp_plugin,
+        **extra,
     )
     if fsdp_plugin is not None:
         use_fsdp_on_cpu_ranks(accelerator, fsdp_plugin)
     return Runtime(accelerator, why)
+
+
+def graphs_planned(args: TrainArguments, request) -> bool:
+    """Whether the steps will be captured as CUDA graphs (capture.static_reason, known before the Accelerator)."""
+    return (args.cuda_graphs != "off" and not args.torch_compile and not args.skip_nonfinite
+            and args.optim in ("auto", "adamw_torch_fused") and request.engine == ""
+            and args.mixed_precision not in ("fp16",))
+
+
+def _work(args: TrainArguments, model_args) -> Optional[float]:
+    """Non-embedding parameters x rows per micro-batch of --model (its config), or None when unknown."""
+    if model_args is None:
+        return None
+    from .models import load_config
+
+    params = non_embedding_parameters(load_config(model_args))
+    return float(params * args.per_device_train_batch_size) if params else None
 
 
 def _fsdp_plugin():
