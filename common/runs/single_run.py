@@ -26,7 +26,7 @@ from ..training.build import build_training, check_fsdp_model, eval_batch_size, 
 from ..training.evaluation import evaluate
 from ..training.loop import CKPT_DIR, Preempted, Trainer
 from ..training.models import check_max_length, keep_layers, load_config, load_tokenizer
-from ..training.runtime import peak_rss_mb, setup_info
+from ..training.runtime import compile_counters, compile_report, peak_rss_mb, setup_info
 from . import plots, reporting
 from .predictions import stream_predictions
 
@@ -126,6 +126,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     t0 = time.perf_counter() - (ctx.timings.get("prepare_seconds", 0.0) if inputs is not None else 0.0)
     inputs = inputs or prepare_run(task, ctx)
     data = inputs.data
+    compiled_before = compile_counters() if args.torch_compile else None  # this run's share is reported
     if not args.do_train:
         return evaluate_only(task, ctx, inputs, t0)
 
@@ -174,7 +175,7 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     trainer.save_model(ctx.tokenizer)
     saved_extra = task.after_save(ctx, data, inputs.built, args.output_dir) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
-    results.update(run_results(ctx, data, inputs, trainer, restored, t0, eval_seconds))
+    results.update(run_results(ctx, data, inputs, trainer, restored, t0, eval_seconds, compiled_before))
     if checked is not None:
         results["timing"]["resumed_at_step"] = checked.state.global_step
     results.update(task.extra_results(ctx, data, inputs.built, results, trainer))
@@ -294,7 +295,7 @@ def final_evaluation(task: Task, ctx: Context, data: PreparedData, trainer: Trai
 
 
 def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Trainer, restored: bool,
-                t0: float, eval_seconds: float) -> dict:
+                t0: float, eval_seconds: float, compiled_before: dict | None = None) -> dict:
     """results.json's train, timing, setup, data and model sections."""
     args, st, t = ctx.args, trainer.state, trainer.training
     # Speeds are over the time spent training: evaluations and checkpoints inside the loop excluded.
@@ -331,10 +332,10 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
         rss = ctx.accelerator.gather(torch.tensor([timing["peak_rss_mb"]], device=ctx.accelerator.device))
         timing["peak_rss_mb_per_process"] = [round(float(x), 1) for x in rss.tolist()]
     timing["capture_seconds"] = trainer.graph_stats.capture_seconds  # recording CUDA graphs (in train_steps_seconds)
-    if args.torch_compile:  # graphs compiled by dynamo: a handful, not one per batch shape
-        from torch._dynamo.utils import counters
-
-        timing["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+    if compiled_before is not None:  # graphs compiled by dynamo (a handful, not one per batch shape), the seconds
+        compiled = compile_report(compiled_before)  # it took and the caches that spared it (this run's share)
+        timing["compiled_graphs"] = compiled.pop("compiled_graphs")
+        timing["compile_seconds"] = compiled.pop("compile_seconds")
     if ctx.accelerator.device.type == "cuda":
         timing["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(ctx.accelerator.device) / 2**20
     model = inputs.built.model
@@ -346,6 +347,8 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
         "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
     if t.sharding:
         setup["fsdp"] = t.sharding
+    if compiled_before is not None:
+        setup["compile_cache"] = compiled
     out = {"train": train, "timing": timing, "setup": setup, "data": data.info,
            "model": {"base_model": ctx.model_args.model, "newly_initialised": inputs.built.new_weights}}
     if args.init_student_layers:

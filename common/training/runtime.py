@@ -413,6 +413,29 @@ def setup_info(runtime: Runtime) -> dict:
     return info
 
 
+def compile_counters() -> dict:
+    """torch.compile's work in this process so far (totals: a run reports the difference over its own time):
+    seconds compiling (dynamo's frame and backward compiles), graphs, and hits/misses of PyTorch's on-disk caches
+    (inductor's FX graph cache and AOTAutograd's cache, on by default), which spare a later run, a later seed or
+    fold of one job, and a later command on this machine the inductor compile."""
+    from torch._dynamo.utils import calculate_time_spent, counters
+
+    return {"compile_seconds": float(calculate_time_spent().get("total_wall_time", 0.0)),
+            "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+            "fx_graph_cache_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "fx_graph_cache_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
+            "autograd_cache_hits": int(counters["aot_autograd"]["autograd_cache_hit"]),
+            "autograd_cache_misses": int(counters["aot_autograd"]["autograd_cache_miss"])}
+
+
+def compile_report(before: dict) -> dict:
+    """This run's share of compile_counters(), and where the on-disk cache lives."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    now = compile_counters()
+    return {key: now[key] - before[key] for key in now} | {"cache_dir": cache_dir()}
+
+
 def on_every_process(accelerator, value: bool) -> bool:
     """True when `value` holds on every process (a cache file every machine must find, or all build it together).
     Collective."""
