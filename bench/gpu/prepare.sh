@@ -34,9 +34,9 @@ ASSETS=${BENCH_ASSETS:-$(dirname "$ROOT")/shared/assets/data}
   die "$ASSETS holds no glue_mrpc/ and conll2003/; set BENCH_ASSETS to ../shared/assets/data."
 
 mkdir -p "$GPU"
-rm -rf "$GPU/wheels" "$GPU/model" "$GPU/data.tar.xz" "$GPU/MANIFEST.txt"
 
-# 1. The official scripts first: without them nothing else is worth building.
+# 1. The official scripts first (into a scratch folder): without them nothing else is worth building, and nothing in
+#    .gpu/ is removed before they are found.
 official=$GPU/official
 new=$(mktemp -d)
 trap 'rm -rf "$new"' EXIT
@@ -61,7 +61,8 @@ for f in "$new"/*.py; do
   grep -q 'check_min_version("4.49.0")' "$f" ||
     die "$(basename "$f") is not the script of commit ${COMMIT:0:8} (it should call check_min_version(\"4.49.0\"))."
 done
-rm -rf "$official" && mkdir -p "$official" && cp "$new"/*.py "$official/"
+rm -rf "$official" "$GPU/wheels" "$GPU/model" "$GPU/data.tar.xz" "$GPU/MANIFEST.txt"
+mkdir -p "$official" && cp "$new"/*.py "$official/"
 
 # 2. Wheels for Python 3.12 on x86-64 (the machine's python3). datasets 5.0.1 needs pyarrow>=21 and httpx<1, 5.2.0
 #    needs pyarrow>=24 and huggingface-hub>=1.31: the machine's versions are read there and the one that fits is
