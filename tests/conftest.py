@@ -92,6 +92,18 @@ def preempt_at_step(monkeypatch, step: int):
     return original
 
 
+def preempted(monkeypatch, step: int, main, argv: list) -> None:
+    """main(argv) stopped by SIGTERM right after optimizer step `step` (a checkpoint saved, exit code 75); the
+    loop's record is put back afterwards, so the next call runs (resumes) normally."""
+    from common.training import loop
+
+    original = preempt_at_step(monkeypatch, step)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 75
+    monkeypatch.setattr(loop.Trainer, "record", original)
+
+
 def toy_sentence(rng: random.Random, label: int, n: int | None = None) -> str:
     n = n or rng.randint(4, 12)
     words = [rng.choice(FILLER) for _ in range(n)]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_cls
-from conftest import FAST, preempt_at_step, toy_sentence, write_csv
+from conftest import FAST, preempted, toy_sentence, write_csv
 
 LEARN = ["--num_train_epochs", "8", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16",
          "--logging_steps", "5", "--mixed_precision", "no"]
@@ -125,17 +125,12 @@ def test_preempt_mid_epoch_then_resume_gives_identical_weights(tiny_model, senti
     """SIGTERM at step 20 (mid-epoch 2) saves a checkpoint and exits 75; resuming ends equal to an
     uninterrupted run: same weights (the restored best ones), same metrics, each step logged once."""
 
-    from common.training import loop
 
     common = [*LEARN, "--num_train_epochs", "2", "--checkpointing_steps", "6", "--eval_steps", "7"]
     full = tmp_path / "full"
     ref = run_cls(tiny_model, sentiment_files, full, *common)
     part = tmp_path / "part"
-    original = preempt_at_step(monkeypatch, 20)
-    with pytest.raises(SystemExit) as stop:
-        run_cls(tiny_model, sentiment_files, part, *common)
-    assert stop.value.code == 75
-    monkeypatch.setattr(loop.Trainer, "record", original)
+    preempted(monkeypatch, 20, lambda argv: run_cls(tiny_model, sentiment_files, part, *argv), common)
     state = json.loads((part / "checkpoints" / "step_20" / "trainer_state.json").read_text())
     assert state["kind"] == "preempted" and state["epoch"] == 1 and state["batches_in_epoch"] == 5
     assert not (part / "results.json").exists()

@@ -8,8 +8,8 @@ import torch
 from test_capture import SAME_PADDING, cls, count_syncs, history, largest_difference
 
 import train_cls
-from common.training import capture, loop
-from conftest import preempt_at_step
+from common.training import capture
+from conftest import preempted
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -52,10 +52,7 @@ def test_no_host_synchronisation_per_recorded_step(tiny_model, sentiment_files, 
 def test_recorded_run_resumes_exactly(tiny_model, sentiment_files, tmp_path, monkeypatch):
     common = ["--max_steps", "8", "--checkpointing_steps", "3", "--eval_strategy", "no", "--cuda_graphs", "on"]
     train_cls.main(cls(tiny_model, sentiment_files, tmp_path / "full", *common))
-    original = preempt_at_step(monkeypatch, 5)
     part = tmp_path / "part"
-    with pytest.raises(SystemExit):
-        train_cls.main(cls(tiny_model, sentiment_files, part, *common, "--logging_steps", "1"))
-    monkeypatch.setattr(loop.Trainer, "record", original)
+    preempted(monkeypatch, 5, train_cls.main, cls(tiny_model, sentiment_files, part, *common, "--logging_steps", "1"))
     train_cls.main(cls(tiny_model, sentiment_files, part, *common, "--resume_from_checkpoint", "latest"))
     assert largest_difference(tmp_path / "full", part) == 0.0

@@ -25,8 +25,8 @@ from common.config import ModelArguments, TrainArguments
 from common.data import labels, ner
 from common.data.augment import Augmenter, draw_variants, same_kind, word_start_marker, word_vocabulary
 from common.errors import UserError, run_cli
-from common.training import distill, loop, transfer
-from conftest import FILLER, SPLIT_WORDS, preempt_at_step, run_script, toy_sentence, write_csv
+from common.training import distill, transfer
+from conftest import FILLER, SPLIT_WORDS, preempted, run_script, toy_sentence, write_csv
 
 PUNCT = {",", ".", "!", "?", "-", "(", ")", "'"}
 
@@ -487,12 +487,8 @@ def test_cls_transfer_set_cached_across_seeds_and_resumed_exactly(tiny_model, se
     assert other["distillation"]["transfer"]["cache_hits"]["variants"] is False
     assert other["distillation"]["transfer"]["augment"]["key"] != aug["key"]
 
-    original = preempt_at_step(monkeypatch, 4)
     part = tmp_path / "part"
-    with pytest.raises(SystemExit) as stop:
-        train_cls.main(cls_argv(tiny_model, sentiment_files, part, *kd, "--seed", "1"))
-    assert stop.value.code == 75
-    monkeypatch.setattr(loop.Trainer, "record", original)
+    preempted(monkeypatch, 4, train_cls.main, cls_argv(tiny_model, sentiment_files, part, *kd, "--seed", "1"))
     train_cls.main(cls_argv(tiny_model, sentiment_files, part, *kd, "--seed", "1", "--resume_from_checkpoint",
                             "latest"))
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(part / "model.safetensors")
