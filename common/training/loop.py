@@ -123,7 +123,7 @@ class Trainer:
                     "%d optimizer steps (%d epochs), warmup %d, precision %s (%s), device %s, %s",
                     t.train_examples, acc.num_processes, t.batches_per_epoch, args.gradient_accumulation_steps,
                     t.total_steps, t.num_epochs, t.warmup_steps, acc.mixed_precision, self.precision_reason, acc.device,
-                    "CUDA graphs (--cuda_graphs %s)" % args.cuda_graphs if self.graphs is not None
+                    f"CUDA graphs (--cuda_graphs {args.cuda_graphs})" if self.graphs is not None
                     else f"eager steps ({self.graph_stats.reason})")
         # Reading the NaN flag is a host sync: every step on CPU (free), unless the steps run as graphs would on
         # a GPU (BERT_FINETUNE_CAPTURE=simulate), so that tests see the GPU's syncs.
