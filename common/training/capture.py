@@ -27,10 +27,10 @@ whole MRPC run, and recompiles for new shapes; recording a graph costs one eager
   normalisation is the eager loop's: every item of the window weighs the same on any number of processes.
 - **No host synchronisation per step.** Loss, item and token sums, the first non-finite step and the gradient
   norm stay on the device; the loop reads them at logging, evaluation and checkpoint steps only.
-- **auto.** On CUDA the run measures: one shape's second occurrence runs eagerly and is timed (CUDA events),
-  its graph's first replays are timed too, and the graphs stay only if a replay is faster and the saving over
-  the steps left pays for the graphs still to record (`keep_graphs`). Otherwise the run continues eagerly and says
-  why.
+- **auto.** On CUDA the run measures: the first window whose programs have all run once (warmed up) runs eagerly
+  once more and is timed (CUDA events), the first three fully replayed windows are timed too, and the graphs stay
+  only if a replay is faster and the saving over the steps left pays for the graphs still to record
+  (`keep_graphs`). Otherwise the rest of the run executes the same programs eagerly, and says why.
 
 Nothing of this needs a GPU to be tested except the recording itself: `BERT_FINETUNE_CAPTURE=simulate` runs the
 very same programs on any device with "record" meaning "remember the function" (tests/test_capture.py).
@@ -53,7 +53,7 @@ SIMULATE_ENV = "BERT_FINETUNE_CAPTURE"  # "simulate": record = keep the function
 # whose size depends on the values (nonzero, boolean masks, unique...). None can be recorded in a graph.
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique", "_unique2",
             "unique_consecutive", "bincount", "repeat_interleave", "equal", "allclose", "is_nonzero",
-            "histc", "_assert_async"}
+            "histc"}
 # Measured replay must beat eager by this share to be kept (timer noise).
 MIN_GAIN = 0.05
 
