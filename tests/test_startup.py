@@ -52,6 +52,18 @@ def test_time_split_laps_and_moves_add_up():
     assert clock.total == pytest.approx(sum(clock.parts.values())) and clock.total >= 3.5
 
 
+def test_column_arrays_read_a_selection_as_its_rows_do():
+    import datasets
+
+    from common.data.loading import column_arrays
+
+    ds = datasets.Dataset.from_dict({"row_id": [5, 6, 7, 8], "windowed": [True, False, True, False],
+                                     "input_ids": [[1], [2, 3], [4], [5, 6, 7]]}).select([3, 0, 2])
+    cols = column_arrays(ds, "row_id", "windowed")
+    assert cols["row_id"].tolist() == list(ds["row_id"]) == [8, 5, 7]
+    assert cols["windowed"].tolist() == [False, True, True] and cols["windowed"].dtype == bool
+
+
 @pytest.fixture(scope="module")
 def script_run(tiny_model, sentiment_files, tmp_path_factory):
     """train_cls.py as a program (the start-up measured), an evaluation and a checkpoint inside the loop: the output

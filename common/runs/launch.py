@@ -28,6 +28,8 @@ from .repeats import run_all
 from .run_settings import reuse_training_settings
 from .single_run import run_single
 
+IMPORTED = time.perf_counter()  # a lower bound of the process's age, to check the clock it is read from
+
 
 def push_preflight(accelerator, args) -> str:
     """hub.push_preflight on the main process; its repository id (or its error, on every rank)."""
@@ -53,18 +55,20 @@ def process_age(task: Task) -> Optional[float]:
     program = sys.modules.get("__main__")
     if type(task).__module__ != "__main__" or not getattr(program, "__file__", None):
         return None
+    at_least = time.perf_counter() - IMPORTED
     try:  # Linux: the start time in clock ticks since boot, against the boot clock (both to 10 ms)
         with open("/proc/self/stat", encoding="ascii") as fh:
             ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    try:  # elsewhere psutil (an accelerate dependency) reads the creation time to the microsecond
-        import psutil
+        try:  # elsewhere psutil (an accelerate dependency) reads the creation time to the microsecond
+            import psutil
 
-        return max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - no way to tell: the split says nothing rather than something wrong
-        return None
+            age = time.time() - psutil.Process().create_time()
+        except Exception:  # noqa: BLE001 - no way to tell
+            return None
+    # a clock that says the process is younger than this module: the split says nothing rather than something wrong
+    return age if age >= at_least - 0.02 else None
 
 
 def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
