@@ -50,6 +50,16 @@ PRESETS = {
         "--learning_rate", "5e-5", "--per_device_train_batch_size", "32", "--seed", "42"]),
 }
 PARTS = ("startup", "launch", "load", "train", "eval", "checkpoints", "save", "other", "after")
+# The script under cProfile as the program (`python -m cProfile` would leave its dataclasses' annotations unresolved):
+# argv = [statistics file, script, flags...]; the statistics are written by an atexit handler, which a finished
+# script's fast exit (errors.leave) still runs.
+PROFILED = """import atexit, cProfile, runpy, sys
+out, sys.argv = sys.argv[1], sys.argv[2:]
+profile = cProfile.Profile()
+atexit.register(lambda: (profile.disable(), profile.dump_stats(out)))
+profile.enable()
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def minilm() -> str:
@@ -102,8 +112,8 @@ def split_of(timing: dict, wall: float) -> dict:
 
 def run_once(tree: str, script: str, argv: list[str], cache: str, profile: str | None = None) -> dict:
     out = tempfile.mkdtemp(prefix="whole-command-")
-    cmd = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), os.path.join(tree, script),
-           *argv, "--output_dir", out, "--overwrite_output_dir"]
+    cmd = [sys.executable, *(["-c", PROFILED, profile] if profile else []), os.path.join(tree, script), *argv,
+           "--output_dir", out, "--overwrite_output_dir"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=cache)
     used, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
@@ -119,6 +129,11 @@ def run_once(tree: str, script: str, argv: list[str], cache: str, profile: str |
     metric = "f1" if script == "train_ner.py" else "accuracy"
     return {"wall": wall, "cpu": cpu, "parts": split_of(res["timing"], wall), "metric": metric,
             "value": res.get("eval", {}).get(metric), "cached": all(res["data"]["tokenization_cached"].values())}
+
+
+def rounded(record: dict) -> dict:
+    return {k: ({p: round(s, 2) for p, s in v.items()} if k == "parts" else round(v, 2) if isinstance(v, float) else v)
+            for k, v in record.items()}
 
 
 def main(argv=None) -> None:
@@ -148,7 +163,7 @@ def main(argv=None) -> None:
         if args.profile:
             tree, short, name, flags = combos[0]
             record = run_once(tree, script, common + flags, os.path.join(workdir, "cache"), args.profile)
-            print(json.dumps({"commit": short, "config": name, "profile": args.profile, **record}), flush=True)
+            print(json.dumps({"commit": short, "config": name, "profile": args.profile, **rounded(record)}), flush=True)
             return
         print(json.dumps({"machine": machine(), "task": args.task, "command": [script, *common, "--output_dir", "OUT"],
                           "cache": args.cache}), flush=True)
@@ -159,9 +174,7 @@ def main(argv=None) -> None:
             for i, (tree, short, name, flags) in enumerate(combos):
                 cache = caches[i] if args.cache == "warm" else tempfile.mkdtemp(dir=workdir, prefix="cache-")
                 record = run_once(tree, script, common + flags, cache)
-                print(json.dumps({"commit": short, "config": name, "run": kind, **{
-                    k: ({p: round(s, 2) for p, s in v.items()} if k == "parts" else round(v, 2)
-                        if isinstance(v, float) else v) for k, v in record.items()}}), flush=True)
+                print(json.dumps({"commit": short, "config": name, "run": kind, **rounded(record)}), flush=True)
                 if kind == "measured" and "error" not in record:
                     b = best.setdefault(i, {"wall": record["wall"], "cpu": record["cpu"], "value": record["value"]})
                     b["wall"], b["cpu"] = min(b["wall"], record["wall"]), min(b["cpu"], record["cpu"])
