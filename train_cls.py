@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataSourceArguments
+from common.data import loading
 from common.data.labels import (
     describe_columns,
     forgotten_pair,
@@ -189,12 +190,12 @@ class ClassificationTask(Task):
                 out[split] = tokenize(split, ds)
         logger.info(data_block(f"{source_name(a)}: {describe_columns(texts, pair, label_col, columns, how)}",
                                {s: f"{len(d)} rows" for s, d in out.items()}, origins, ctx.split, args.seed))
-        truncated = int(sum(1 for n in out["train"]["length"] if n >= a.max_length)) if "train" in out else 0
+        lengths = loading.column_arrays(out["train"], "length")["length"] if "train" in out else np.zeros(0)
+        truncated = int(np.sum(lengths >= a.max_length))
         info = {"source": source_name(a), "text_columns": texts, "text_pair_column": pair, "label_column": label_col,
                 "problem_type": "regression" if regression else "single_label_classification",
                 "labels": class_names, "sizes": {s: len(d) for s, d in out.items()},
-                "derived_splits": derived, "train_truncated_examples": truncated,
-                "split_seed": seed,
+                "derived_splits": derived, "train_truncated_examples": truncated, "split_seed": seed,
                 **({"kfold": ctx.split.kfold, "fold": ctx.split.fold + 1, "held_out_rows": len(idx["test"])}
                    if ctx.split and ctx.split.kfold else {}),
                 "tokenization_cached": {s: ctx.timings[f"tokenize_{s}_cached"] for s in out if s not in derived}}

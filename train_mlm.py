@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from common.config import DataSourceArguments
 from common.data import mlm
-from common.data.loading import flat_values, source_name, tokenize_split, tokenizer_fingerprint
+from common.data.loading import column_arrays, flat_values, source_name, tokenize_split, tokenizer_fingerprint
 from common.data.splits import data_block, plan_rows, split_origins
 from common.errors import UserError, run_cli
 from common.log import logger
@@ -114,15 +114,17 @@ class MlmTask(Task):
             if split not in texts:
                 continue
             enc = tokenize_split(ctx, split, datasets.Dataset.from_dict({"text": texts[split]}), encode, key, ["text"])
-            n_text_tokens = int(sum(enc["length"])) if not packed else int(len(mlm._flat(enc, "input_ids")[0]))
+            n_text_tokens = (int(np.sum(column_arrays(enc, "length")["length"])) if not packed
+                             else int(len(mlm._flat(enc, "input_ids")[0])))
             if packed:
                 enc = mlm.pack(enc, a.max_length, tok.cls_token_id, tok.sep_token_id, a.whole_word_mask)
             mlm.check_maskable(enc, special_ids, where.get(split, "the held-out lines"), tok.mask_token)
-            tokens = int(np.sum(enc["length"]))
+            lengths = column_arrays(enc, "length")["length"]
+            tokens = int(np.sum(lengths))
             stats[split] = {"texts": len(texts[split]), "examples": len(enc), "tokens": tokens,
                             "text_tokens": n_text_tokens, "blank_rows_skipped": skipped.get(split, 0)}
             if not packed:
-                stats[split]["truncated_lines"] = int(np.sum(np.asarray(enc["length"]) >= a.max_length))
+                stats[split]["truncated_lines"] = int(np.sum(lengths >= a.max_length))
             if split != "train":  # fixed masks: the same tokens are predicted in every evaluation
                 enc, n_masked = mlm.fixed_eval_masks(enc, special_ids, a.mlm_probability, tok.mask_token_id,
                                                      len(tok), a.eval_mask_seed, a.whole_word_mask)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from common.config import DataSourceArguments
 from common.data import ner
-from common.data.loading import flat_values, source_name, tokenize_split, tokenizer_fingerprint
+from common.data.loading import column_arrays, flat_values, source_name, tokenize_split, tokenizer_fingerprint
 from common.data.splits import data_block, plan_rows, split_origins
 from common.errors import UserError, run_cli
 from common.log import logger
@@ -161,12 +161,12 @@ class NerTask(Task):
         out, stats = {}, {}
         for split, (enc, rows) in selections.items():
             if rows is not None:  # a selection of the training file's windows, by sentence
-                enc = enc.select(np.flatnonzero(np.isin(np.asarray(enc["row_id"]), rows)))
+                enc = enc.select(np.flatnonzero(np.isin(column_arrays(enc, "row_id")["row_id"], rows)))
             source = files["train" if rows is not None else split]
+            col = column_arrays(enc, "row_id", "windowed", "dropped_words")
             stats[split] = {"sentences": len(source) if rows is None else len(rows), "windows": len(enc),
-                            "windowed_sentences": len(set(np.asarray(enc["row_id"])[np.asarray(enc["windowed"],
-                                                                                               dtype=bool)].tolist())),
-                            "dropped_words": int(np.sum(enc["dropped_words"])), "skipped_rows": source.skipped}
+                            "windowed_sentences": len(np.unique(col["row_id"][col["windowed"].astype(bool)])),
+                            "dropped_words": int(np.sum(col["dropped_words"])), "skipped_rows": source.skipped}
             if source.skip_reasons:
                 stats[split]["skip_examples"] = source.skip_reasons
             out[split] = enc.remove_columns(["windowed", "dropped_words"])

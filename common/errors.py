@@ -38,7 +38,8 @@ def fmt_columns(columns: Sequence[str]) -> str:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run a script's `main`, turning UserError into one line on stderr and exit code 2."""
+    """Run a script's `main`, turning UserError into one line on stderr and exit code 2; a script run as the
+    program (`python train_cls.py`) that finished leaves at once (leave)."""
     try:
         main(argv)
     except UserError as err:
@@ -46,3 +47,24 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if getattr(main, "__module__", None) == "__main__":
+        leave()
+
+
+def leave() -> None:
+    """Exit 0 as a normal exit does (the atexit handlers run, the streams are flushed), less the interpreter's
+    tearing down of every module, which with torch, transformers and datasets loaded takes about a second
+    (bench/whole_command.py: `after`). Not while another non-daemon thread runs (a tracker's writer): then the
+    normal exit waits for it."""
+    import atexit
+    import threading
+
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()  # what a normal exit runs (logging's flush, temporary folders, worker pools)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to flush
+            pass
+    os._exit(0)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import train_ner
 from common.data import ner
 from common.errors import UserError
-from common.training.metrics import ner_metrics
+from common.training.metrics import conlleval_entities, ner_metrics
 from conftest import FILLER, FIXTURES, SHARED_ASSETS, minilm_path, run_script
 
 # Word -> entity type; 'carol' is only ever a surname (I-PER after alice/bob), 'rewriting' an ORG that
@@ -302,6 +303,21 @@ def test_long_sentences_are_windowed_and_every_word_scored(tokenizer):
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
+
+def test_conlleval_entities_match_seqeval_get_entities():
+    """metrics.conlleval_entities stands in for seqeval's get_entities (whose module imports scikit-learn): the same
+    entities for any tags, IOB and IOBES, types that change mid-entity, tags without a type, other letters."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rng = random.Random(5)
+    tags = ["O", "O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC", "I-MISC",
+            "B-ORG-X", "I-ORG-X", "B", "I", "E", "S", "U-PER", "L-PER", "."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seqeval warns about U-/L-/. tags
+        for _ in range(3000):
+            seq = [rng.choice(tags) for _ in range(rng.randint(0, 9))]
+            assert conlleval_entities(seq) == set(get_entities(list(seq))), seq
+
 
 def test_ner_metrics_match_seqeval_and_strict_mode():
     from seqeval.metrics import classification_report

@@ -36,6 +36,14 @@ def flat_values(dataset, column: str):
     return pc.list_flatten(dataset.select_columns([column]).with_format("arrow")[:][column])
 
 
+def column_arrays(dataset, *columns: str) -> dict[str, np.ndarray]:
+    """Columns of single values as NumPy arrays, read in one Arrow pass (respects a select()/shard() mapping):
+    `dataset[column]` makes one Python object per row, ~40x slower (0.15 s a column of CoNLL-2003's training
+    windows)."""
+    table = dataset.select_columns(list(columns)).with_format("numpy")[:]
+    return {c: table[c] for c in columns}
+
+
 DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
 
 
@@ -323,8 +331,10 @@ def tokenize_cached(raw: datasets.Dataset, fn: Callable[[dict], dict], key_parts
             shutil.rmtree(path, ignore_errors=True)
         if os.path.isfile(os.path.join(path, "COMPLETE")):
             return TokenizeResult(datasets.load_from_disk(path), True)
+        # new_fingerprint: the cache key already names the data and the encoding; left to datasets, it would hash
+        # `fn` by pickling what it holds (the tokenizer), a tenth of a second for every tokenized split
         out = raw.map(fn, batched=True, remove_columns=list(remove_columns), num_proc=num_proc,
-                      desc=desc, load_from_cache_file=False, keep_in_memory=True)
+                      desc=desc, load_from_cache_file=False, keep_in_memory=True, new_fingerprint=key)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             os.makedirs(cache_root(), exist_ok=True)

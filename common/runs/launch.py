@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Optional, Sequence
 
 from .. import hub, progress
@@ -24,6 +27,8 @@ from .plan import check_plan, plan_runs
 from .repeats import run_all
 from .run_settings import reuse_training_settings
 from .single_run import run_single
+
+IMPORTED = time.perf_counter()  # a lower bound of the process's age, to check the clock it is read from
 
 
 def push_preflight(accelerator, args) -> str:
@@ -43,8 +48,33 @@ def push_preflight(accelerator, args) -> str:
     return value
 
 
+def process_age(task: Task) -> Optional[float]:
+    """Seconds since this process started (the interpreter and the imports), when it was started to run this
+    command: the task's script is the program (`python train_cls.py`, accelerate launch, torchrun). None when
+    main() is called in a process that was running before (a notebook, tests, another script)."""
+    program = sys.modules.get("__main__")
+    if type(task).__module__ != "__main__" or not getattr(program, "__file__", None):
+        return None
+    at_least = time.perf_counter() - IMPORTED
+    try:  # Linux: the start time in clock ticks since boot, against the boot clock (both to 10 ms)
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        try:  # elsewhere psutil (an accelerate dependency) reads the creation time to the microsecond
+            import psutil
+
+            age = time.time() - psutil.Process().create_time()
+        except Exception:  # noqa: BLE001 - no way to tell
+            return None
+    # a clock that says the process is younger than this module: the split says nothing rather than something wrong
+    return age if age >= at_least - 0.02 else None
+
+
 def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     """Run the task with these command-line arguments; returns results.json (or summary.json) as a dict."""
+    entered = time.perf_counter()
+    startup = process_age(task)
     (model_args, data_args, args), given = parse_args([ModelArguments, task.data_arguments, TrainArguments], argv,
                                                       task.description, return_given=True)
     reused = None
@@ -78,7 +108,11 @@ def launch(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
             return run_study(task, model_args, data_args, args, runtime, given, argv)
         if runs[0].split is None:
             repo = push_preflight(runtime.accelerator, args) if args.push_to_hub else None
-            return run_single(task, Context(model_args, data_args, args, runtime, hub_repo=repo))
+            # the first parts of the run's time split (single_run.stamp_time): imports, then settings and runtime
+            timings = {"launch_seconds": time.perf_counter() - entered}
+            if startup is not None:
+                timings["startup_seconds"] = startup
+            return run_single(task, Context(model_args, data_args, args, runtime, hub_repo=repo, timings=timings))
         return run_all(task, model_args, data_args, args, runtime, runs)
     finally:
         shutdown(runtime.accelerator)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import progress
+from ..data.loading import column_arrays
 from ..task import PredictionWriter
 from ..training.evaluation import concat
 
@@ -20,7 +21,7 @@ class CsvPredictions(PredictionWriter):
     def __init__(self, path: str, raw, text_columns: list, class_names: Optional[list]):
         super().__init__(path)
         self.raw, self.cols, self.names = raw, text_columns, class_names
-        self.by_row = {r: i for i, r in enumerate(raw["row_id"])}
+        self.by_row = {r: i for i, r in enumerate(column_arrays(raw, "row_id")["row_id"].tolist())}
         self.out = csv.writer(self.fh)
         probs = [] if class_names is None else [f"prob_{c}" for c in class_names]
         self.out.writerow(["row_id", *self.cols, "gold", "predicted", *probs])

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Optional
 
 import yaml
@@ -18,6 +19,33 @@ from ..files import honour_umask
 RESULTS = "results.json"
 LOG_HISTORY = "log_history.jsonl"
 RESOLVED = "training_args.yaml"
+
+
+class TimeSplit:
+    """A run's wall time as named parts that add up to its total by construction: `lap(name)` gives `name` every
+    second since the previous lap, and `move` relabels seconds timed inside a part (the evaluations and
+    checkpoints inside the training loop). `parts`: parts measured before this split started (startup, launch);
+    `started`: when its first lap began (perf_counter; default now); `names`: the parts it will have, in order
+    (each listed even when it stays at 0)."""
+
+    def __init__(self, parts: Optional[dict] = None, started: Optional[float] = None, names: tuple = ()):
+        self.parts = dict(parts or {}) | {name: 0.0 for name in names}
+        self.last = time.perf_counter() if started is None else started
+
+    def lap(self, name: str) -> float:
+        """The seconds since the previous lap, added to `name`."""
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
+        return seconds
+
+    def move(self, seconds: float, source: str, target: str) -> None:
+        self.parts[source] -= seconds
+        self.parts[target] = self.parts.get(target, 0.0) + seconds
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
 
 
 def _clean(obj: Any) -> Any:

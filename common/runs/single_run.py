@@ -123,12 +123,16 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     prepare_run, when the caller already made it (repeats.py checks the first run before writing anything)."""
     args, accelerator = ctx.args, ctx.accelerator
     # A run prepared by the caller (repeats.py) counts its preparation too: the time split adds up to the total.
-    t0 = time.perf_counter() - (ctx.timings.get("prepare_seconds", 0.0) if inputs is not None else 0.0)
+    started = time.perf_counter() - (ctx.timings.get("prepare_seconds", 0.0) if inputs is not None else 0.0)
     inputs = inputs or prepare_run(task, ctx)
     data = inputs.data
     compiled_before = compile_counters() if args.torch_compile else None  # this run's share is reported
+    # the time split (stamp_time): the command's start-up and launch when launch measured them, then this run's
+    launched = {name: ctx.timings[f"{name}_seconds"] for name in ("startup", "launch")
+                if ctx.timings.get(f"{name}_seconds") is not None}
     if not args.do_train:
-        return evaluate_only(task, ctx, inputs, t0)
+        return evaluate_only(task, ctx, inputs, reporting.TimeSplit(launched, started, ("load", "eval", "save")))
+    clock = reporting.TimeSplit(launched, started, ("load", "train", "eval", "checkpoints", "save"))
 
     resume = ctx.resume_from
     eval_sorted = length_sorted(data.eval) if data.eval is not None and args.eval_strategy != "no" else None
@@ -153,17 +157,23 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers(task.name, config={k: v for k, v in settings.items()
                                                      if isinstance(v, (int, float, str, bool))})
+    clock.lap("load")
     if task.eval_before_training and training.eval_dl is not None and resume is None:
         with progress.phase("evaluating the starting weights", f"{len(eval_sorted):,} examples") as initial:
             trainer.evaluate_initial()
         ctx.timings["initial_eval_seconds"] = initial.seconds
-    t_train = time.perf_counter()
+        clock.lap("eval")
     try:
         trainer.train(checked)
     except Preempted as stop:
         logger.warning("preempted: checkpoint saved to %s; rerun with --resume_from_checkpoint latest", stop)
         raise SystemExit(EXIT_PREEMPTED) from None
-    train_call = time.perf_counter() - t_train  # the whole train() call: the checkpoint load included
+    train_call = clock.lap("train")  # the whole train() call: the checkpoint load included
+    # this session's evaluations and checkpoints inside the loop (the trainer state counts earlier sessions too)
+    before = trainer.resumed.state if trainer.resumed else None
+    clock.move(trainer.state.eval_seconds - (before.eval_seconds if before else 0.0), "train", "eval")
+    clock.move(trainer.state.checkpoint_seconds - (before.checkpoint_seconds if before else 0.0), "train",
+               "checkpoints")
     logger.info("training: done in %s (%s)", progress.duration(train_call),
                 steps_done(trainer.state.global_step, checked.state.global_step if checked else None,
                            trainer.state.train_seconds))
@@ -172,10 +182,11 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     t_eval = time.perf_counter()
     results = final_evaluation(task, ctx, data, trainer, restored, reuse_eval=eval_sorted is not None)
     eval_seconds = time.perf_counter() - t_eval
+    clock.lap("eval")  # restoring the best weights, the final evaluation and its predictions files
     trainer.save_model(ctx.tokenizer)
     saved_extra = task.after_save(ctx, data, inputs.built, args.output_dir) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
-    results.update(run_results(ctx, data, inputs, trainer, restored, t0, eval_seconds, compiled_before))
+    results.update(run_results(ctx, data, inputs, trainer, restored, eval_seconds, compiled_before))
     if checked is not None:
         results["timing"]["resumed_at_step"] = checked.state.global_step
     results.update(task.extra_results(ctx, data, inputs.built, results, trainer))
@@ -184,28 +195,23 @@ def run_single(task: Task, ctx: Context, inputs: RunInputs | None = None) -> dic
     if accelerator.is_main_process:
         for name, text in inputs.objective.output_files().items():  # distillation: augment_samples.txt
             reporting.write_text_atomic(os.path.join(args.output_dir, name), text)
-        write_outputs(task, ctx, data, results, trainer.metric)
+        write_outputs(task, ctx, data, results, trainer.metric, clock)
+    else:
+        stamp_time(results, clock)
     trainer.cleanup_best()
-    t_upload = time.perf_counter()
+    clock.lap("save")  # the closing block's split goes on: the best weights' checkpoint removed, the upload
     if ctx.hub_repo and accelerator.is_main_process:
         logger.info("uploaded %s to %s", args.output_dir, hub.push(args, ctx.hub_repo))
     accelerator.wait_for_everyone()
-    t_end = time.perf_counter()
-    initial = ctx.timings.get("initial_eval_seconds", 0.0)
-    # this session's evaluations and checkpoints inside the loop (the trainer state counts earlier sessions too)
-    before = trainer.resumed.state if trainer.resumed else None
-    loop_eval = trainer.state.eval_seconds - (before.eval_seconds if before else 0.0)
-    loop_ckpt = trainer.state.checkpoint_seconds - (before.checkpoint_seconds if before else 0.0)
-    parts = {"load": t_train - t0 - initial, "train": train_call - loop_eval - loop_ckpt,
-             "eval": initial + loop_eval + eval_seconds + (t_eval - t_train - train_call),
-             "checkpoints": loop_ckpt, "save": t_upload - t_eval - eval_seconds,
-             "upload": t_end - t_upload if ctx.hub_repo else 0.0}
+    if ctx.hub_repo:
+        clock.lap("upload")
     if accelerator.is_main_process:
-        logger.info("\n".join(last_lines(results, trainer.metric, args.output_dir, key_files(args.output_dir), parts)))
+        logger.info("\n".join(last_lines(results, trainer.metric, args.output_dir, key_files(args.output_dir),
+                                         clock.parts)))
     return results
 
 
-def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dict:
+def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, clock: reporting.TimeSplit) -> dict:
     """--no_do_train: evaluate and/or predict with the model as it is. Labelled splits are evaluated exactly as
     at the end of training (same order, batches and metrics); unlabelled ones are predicted in file order and
     streamed to the predictions file."""
@@ -223,7 +229,7 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
     model = inputs.built.model if ort else acc.prepare(inputs.built.model)
     batch_size = eval_batch_size(args, torch.device("cpu") if ort else acc.device)  # ONNX Runtime runs on the CPU
     results: dict = {}
-    t_start = time.perf_counter()
+    clock.lap("load")
     for split, dataset in (("eval", data.eval), ("test", data.test)):
         if dataset is None:
             continue
@@ -254,20 +260,22 @@ def evaluate_only(task: Task, ctx: Context, inputs: RunInputs, t0: float) -> dic
             results[split] = {"num_examples": rows}
         seconds = time.perf_counter() - started
         results[split]["predictions_per_second"] = results[split]["num_examples"] / seconds if seconds > 0 else None
-    timing = {**ctx.timings, "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    clock.lap("eval")
+    timing = {**ctx.timings, "peak_rss_mb": peak_rss_mb()}
     results.update(timing=timing, data=data.info, model={"base_model": ctx.model_args.model, "trained_here": False,
                                                          **({"onnx": model.info} if ort else {})},
                    setup=setup_info(ctx.runtime) | {"eval_batch_size": batch_size,
                                                     "pad_to_multiple_of": inputs.pad_multiple})
-    t_save = time.perf_counter()
     if acc.is_main_process:
         draw_run_plots(args.output_dir, inputs.objective.default_metric, results, ctx.run_name)
+    stamp_time(results, clock)
+    if acc.is_main_process:
         reporting.write_json(os.path.join(args.output_dir, reporting.RESULTS), results)
     acc.wait_for_everyone()
+    clock.lap("save")
     if acc.is_main_process:
-        parts = {"load": t_start - t0, "eval": t_save - t_start, "save": time.perf_counter() - t_save}
         logger.info("\n".join(last_lines(results, args.metric_for_best_model or inputs.objective.default_metric,
-                                         args.output_dir, key_files(args.output_dir), parts)))
+                                         args.output_dir, key_files(args.output_dir), clock.parts)))
     return results
 
 
@@ -295,8 +303,8 @@ def final_evaluation(task: Task, ctx: Context, data: PreparedData, trainer: Trai
 
 
 def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Trainer, restored: bool,
-                t0: float, eval_seconds: float, compiled_before: dict | None = None) -> dict:
-    """results.json's train, timing, setup, data and model sections."""
+                eval_seconds: float, compiled_before: dict | None = None) -> dict:
+    """results.json's train, timing (less its total and parts: stamp_time), setup, data and model sections."""
     args, st, t = ctx.args, trainer.state, trainer.training
     # Speeds are over the time spent training: evaluations and checkpoints inside the loop excluded.
     t_steps = st.train_seconds - st.eval_seconds - st.checkpoint_seconds
@@ -327,7 +335,7 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
               "train_steps_seconds": t_steps,
               "eval_during_training_seconds": st.eval_seconds, "checkpoint_seconds": st.checkpoint_seconds,
               "first_step_seconds": trainer.first_step_seconds, "final_eval_seconds": eval_seconds,
-              "total_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+              "peak_rss_mb": peak_rss_mb()}
     if ctx.accelerator.num_processes > 1:  # collective: every process's peak (sharding shows here)
         rss = ctx.accelerator.gather(torch.tensor([timing["peak_rss_mb"]], device=ctx.accelerator.device))
         timing["peak_rss_mb_per_process"] = [round(float(x), 1) for x in rss.tolist()]
@@ -359,8 +367,10 @@ def run_results(ctx: Context, data: PreparedData, inputs: RunInputs, trainer: Tr
     return out
 
 
-def write_outputs(task: Task, ctx: Context, data: PreparedData, results: dict, metric: str) -> None:
-    """Model card, plots and results.json (last: its presence marks the run as finished). Main process."""
+def write_outputs(task: Task, ctx: Context, data: PreparedData, results: dict, metric: str,
+                  clock: reporting.TimeSplit | None = None) -> None:
+    """Model card, plots and results.json (last: its presence marks the run as finished; its time split stamped
+    just before, when `clock` is given). Main process."""
     output_dir = ctx.args.output_dir
     card = task.model_card(ctx, data)
     reporting.write_model_card(output_dir, task=task.name, base_model=ctx.model_args.model,
@@ -369,7 +379,19 @@ def write_outputs(task: Task, ctx: Context, data: PreparedData, results: dict, m
                                distillation=results.get("distillation"),
                                student_from_layers=results["model"].get("student_from_layers"))
     draw_run_plots(output_dir, metric, results, ctx.run_name)
+    if clock is not None:
+        stamp_time(results, clock)
     reporting.write_json(os.path.join(output_dir, reporting.RESULTS), results)
+
+
+def stamp_time(results: dict, clock: reporting.TimeSplit) -> None:
+    """results.json's time split: every second of `total_seconds` in one of `parts` (startup: process start to
+    launch, when this process was started for the command; launch: settings and runtime; load: tokenizer, data,
+    model, training objects, output folder; train: the loop less its evaluations and checkpoints; eval; checkpoints;
+    save: the model, the card, the plots, up to this file). The save part runs until now."""
+    clock.lap("save")
+    results["timing"]["parts"] = dict(clock.parts)
+    results["timing"]["total_seconds"] = clock.total
 
 
 def draw_run_plots(output_dir: str, metric: str, results: dict, name: str = "") -> None:
