@@ -52,6 +52,8 @@ TEE=$!
 JSONL=$OUT/results.jsonl
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MPLBACKEND=Agg
+# a dry run on a CPU runs --cuda_graphs on as the simulated programs (common/training/capture.py), not a refusal
+((DRY)) && export BERT_FINETUNE_CAPTURE=simulate
 say() { echo "[run.sh $(date -u +%T) +$((SECONDS))s] $*"; }
 say "dry=$DRY budget=${BUDGET}s stages=$STAGES out=$OUT work=$WORK python=$(command -v "$PY")"
 cat .gpu/MANIFEST.txt
