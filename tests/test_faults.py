@@ -155,3 +155,36 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_last_check
     assert sorted(os.listdir(out / "checkpoints")) == ["best", "step_4"]  # no partial checkpoint left
     monkeypatch.setattr(checkpoint, "write_state", original)
     assert latest_step(out) == 4
+
+
+
+def test_the_best_weights_are_saved_without_optimizer_state(tiny_model, sentiment_files, tmp_path, monkeypatch):
+    """The best checkpoint is only ever read back as weights: no optimizer file (a third of the bytes). Named as a
+    resume point, such a folder is refused with what to do instead."""
+    import shutil
+
+    import train_cls
+    from common.errors import UserError
+    from common.training import checkpoint as ckpt
+    from common.training import loop
+
+    seen = {}
+    original = loop.Trainer.save_checkpoint
+
+    def listing(self, kind="periodic"):
+        path = original(self, kind)
+        seen[kind] = sorted(os.listdir(path))
+        return path
+
+    monkeypatch.setattr(loop.Trainer, "save_checkpoint", listing)
+    out = tmp_path / "out"
+    train_cls.main(["--model", tiny_model, "--train_file", sentiment_files["train"], "--validation_file",
+                    sentiment_files["dev"], "--max_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2",
+                    "--mixed_precision", "no", "--output_dir", str(out)])
+    assert seen["best"] == ["COMPLETE", "log_history.jsonl", "model.safetensors", "trainer_state.json"], seen
+    assert "optimizer.safetensors" in seen["periodic"]
+    best = tmp_path / "best"
+    shutil.copytree(out / "checkpoints" / "step_4", best)
+    os.remove(best / "optimizer.safetensors")
+    with pytest.raises(UserError, match="holds the best weights only, without the optimizer state a resume needs"):
+        ckpt._check_files(str(best), f"--resume_from_checkpoint '{best}'", None, None, None)

@@ -130,7 +130,8 @@ def plain(value):
 
 def write_state(accelerator, model, optimizer, folder: str) -> None:
     """Collective: the model, optimizer (and fp16 scaler) state into `folder`, without pickle (main process), or
-    through accelerate for sharded setups (every process; their random-state pickles are removed, unused)."""
+    through accelerate for sharded setups (every process; their random-state pickles are removed, unused).
+    `optimizer` None (the best weights, which are only ever read back as weights): the model alone, plain layout."""
     if layout_of(accelerator) == "accelerate":
         accelerator.save_state(folder)
         accelerator.wait_for_everyone()
@@ -143,6 +144,7 @@ def write_state(accelerator, model, optimizer, folder: str) -> None:
 
     if accelerator.is_main_process:
         save_model(_unwrap(accelerator, model), os.path.join(folder, MODEL_FILE), metadata={"format": "pt"})
+    if accelerator.is_main_process and optimizer is not None:
         state = optimizer.state_dict()
         tensors, scalars = {}, {}
         for pid, values in state["state"].items():
@@ -397,6 +399,10 @@ def _check_files(path: str, where: str, accelerator, model, optimizer) -> None:
     if foreign:
         raise UserError(f"{where} holds files these scripts never write ({', '.join(foreign[:4])}): it was not written "
                         "by them or was changed since; it is not opened. Resume from a checkpoint they wrote.")
+    if MODEL_FILE in present and OPTIMIZER_FILE not in present and os.path.basename(os.path.normpath(path)) == "best":
+        raise UserError(f"{where} holds the best weights only, without the optimizer state a resume needs; resume "
+                        "from a step_N checkpoint (--resume_from_checkpoint latest), or start a new run from these "
+                        "weights with --model.")
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         if name not in present:
             raise UserError(f"{where} has no {name}; the checkpoint is incomplete, resume from another one.")
