@@ -142,5 +142,5 @@ class SeededRandomSampler(Sampler[int]):
 
 def length_sorted(dataset, length_column: str = "length"):
     """Evaluation order: longest first, so batches pad little; predictions carry `row_id` back."""
-    lengths = np.asarray(dataset[length_column])
+    lengths = dataset.select_columns([length_column]).with_format("numpy")[:][length_column]  # one Arrow pass
     return dataset.select(np.argsort(-lengths, kind="stable"))

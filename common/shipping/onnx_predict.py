@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..log import logger
 from ..task import BuiltModel, Context, Task
 from ..training.build import eval_loader
+from ..training.build import lengths as column_lengths
 from ..training.evaluation import EvalResult, concat
 from .onnx_export import FP32_FILE, HEADS, INT8_FILE, ort_session, run_ort
 
@@ -224,7 +225,7 @@ def _windows(model: OnnxModel, objective, dataset, batch_size: int, collator, ar
     """The objective's eval outputs of `dataset`, window by window of `rows` rows (a multiple of batch_size) in file
     order, each window's rows sorted by length, longest first, as collate.length_sorted sorts a split; yields each
     window's outputs (its rows in that order: the predictions writers put them back in row order)."""
-    lengths = np.asarray(dataset["length"])
+    lengths = column_lengths(dataset)
     order = np.concatenate([start + np.argsort(-lengths[start:start + rows], kind="stable")
                             for start in range(0, len(dataset), rows)]) if len(dataset) else np.zeros(0, np.int64)
     loader = eval_loader(dataset.select(order), batch_size, collator, args)

@@ -9,11 +9,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..config import TrainArguments
 from ..data.collate import LengthGroupedSampler, SeededRandomSampler, bucket_of
+from ..data.loading import column_arrays
 from ..errors import UserError
 
 # Devices where auto picks fused AdamW (PyTorch has it for CUDA, XPU, MPS and, since 2.4, CPU). On the
@@ -188,7 +190,7 @@ def build_training(objective, model, args: TrainArguments, accelerator, train_da
                    collator, buckets: Optional[list] = None) -> Training:
     device = accelerator.device
     batch_size = args.per_device_train_batch_size
-    sampler = (LengthGroupedSampler(train_dataset["length"], batch_size, args.seed) if args.group_by_length
+    sampler = (LengthGroupedSampler(lengths(train_dataset), batch_size, args.seed) if args.group_by_length
                else SeededRandomSampler(len(train_dataset), args.seed))
     train_dl = DataLoader(train_dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
                           num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda")
@@ -241,4 +243,9 @@ def bucket_count(dataset, buckets: Optional[list]) -> int:
         return 0
     if "length" not in getattr(dataset, "column_names", ()):
         return len(buckets)
-    return len({bucket_of(int(n), buckets) for n in set(dataset["length"])})
+    return len({bucket_of(int(n), buckets) for n in set(lengths(dataset).tolist())})
+
+
+def lengths(dataset) -> np.ndarray:
+    """The `length` column as one array (one Arrow pass, not a Python object per row)."""
+    return column_arrays(dataset, "length")["length"]

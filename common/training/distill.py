@@ -47,6 +47,7 @@ from ..files import honour_umask
 from ..log import logger
 from ..task import Objective, model_inputs
 from . import transfer
+from .build import lengths
 from .models import encoder_layers, load_config, load_pretrained, load_tokenizer, model_fingerprint
 from .runtime import on_every_process
 
@@ -189,7 +190,7 @@ def compute_logits(teacher, base: Objective, train, collator, accelerator, batch
     """Collective: every process scores its share of the training set (longest first), gathered to all."""
     from torch.utils.data import DataLoader, Subset
 
-    order = np.argsort(-np.asarray(train["length"]), kind="stable").tolist()
+    order = np.argsort(-lengths(train), kind="stable").tolist()
     loader = accelerator.prepare(DataLoader(Subset(WithIndex(train), order), batch_size=batch_size,
                                             collate_fn=collator))
     rows: dict[int, np.ndarray] = {}
