@@ -270,3 +270,25 @@ def test_find_syncs_names_host_reads():
     _, found = capture.find_syncs(lambda: (float(x.sum()), x[x > 2], x.nonzero(), x.to("cpu")))
     assert [f.split(" in ")[0] for f in found] == ["_local_scalar_dense", "index", "nonzero"]
     assert all(f.endswith(f"test_capture.py:{sys._getframe().f_lineno - 2}") for f in found), found
+
+
+def test_a_nan_loss_in_a_captured_step_stops_the_run_at_its_step(tiny_model, sentiment_files, tmp_path, simulate):
+    """The finite check lives in the step program (the first bad step kept on the device, read at the next log):
+    the run stops with the step that went bad, as eager steps do. Simulated replays call the objective once per
+    step, so its 5th call is step 5's loss."""
+    from common.errors import Diverged
+
+    objective = train_cls.ClassificationObjective
+    original = objective.loss_from_logits
+    calls = []
+
+    def nan_at_the_fifth(self, logits, batch):
+        calls.append(1)
+        loss = original(self, logits, batch)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    simulate.setattr(objective, "loss_from_logits", nan_at_the_fifth)
+    with pytest.raises(Diverged, match="NaN/inf at optimizer step 5;"):
+        train_cls.main(cls(tiny_model, sentiment_files, tmp_path / "out", "--max_steps", "9", "--logging_steps", "3",
+                           "--eval_strategy", "no", "--cuda_graphs", "on", "--group_by_length", "false"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
