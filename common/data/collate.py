@@ -142,5 +142,7 @@ class SeededRandomSampler(Sampler[int]):
 
 def length_sorted(dataset, length_column: str = "length"):
     """Evaluation order: longest first, so batches pad little; predictions carry `row_id` back."""
-    lengths = dataset.select_columns([length_column]).with_format("numpy")[:][length_column]  # one Arrow pass
+    from .loading import column_arrays  # (imported here: this module imports no other)
+
+    lengths = column_arrays(dataset, length_column)[length_column]
     return dataset.select(np.argsort(-lengths, kind="stable"))

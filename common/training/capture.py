@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -66,7 +66,7 @@ def _op_syncs(func, args, kwargs) -> bool:
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # a boolean mask index is a nonzero
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(t is not None and t.dtype == torch.bool for t in indices)
-    if name in ("copy_", "_to_copy", "to"):  # a blocking copy between the host and the device
+    if name in ("copy_", "_to_copy"):  # a blocking copy between the host and the device
         src = args[1] if name == "copy_" else args[0]
         dst_device = args[0].device if name == "copy_" else kwargs.get("device")
         blocking = not kwargs.get("non_blocking", False) and not (len(args) > 2 and args[2] is True)
@@ -237,17 +237,23 @@ def check_request(mode: str, device: torch.device) -> None:
 
 def static_reason(args, accelerator, optimizer_implementation: str) -> Optional[str]:
     """Why this run's steps cannot be recorded at all, or None. Known before any step."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    return reason_against(args, accelerator.device, kind, accelerator.mixed_precision, optimizer_implementation)
+
+
+def reason_against(args, device: torch.device, engine: str, precision: Optional[str],
+                   optimizer_implementation: str) -> Optional[str]:
+    """static_reason from its parts, which the runtime knows before the Accelerator exists (the launch's engine
+    request, the precision asked for): the precision rule asks whether the steps will be captured."""
     if args.cuda_graphs == "off":
         return "--cuda_graphs off"
-    device = accelerator.device
     if backend_for(device) is None:
         return f"the run is on {device.type}: CUDA graphs need a CUDA GPU"
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind in ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM"):
-        return f"{kind} shards or wraps the step in ways a graph cannot hold"
+    if engine in ("FSDP", "DEEPSPEED", "XLA", "MEGATRON_LM"):
+        return f"{engine} shards or wraps the step in ways a graph cannot hold"
     if args.torch_compile:
         return "--torch_compile compiles the step instead"
-    if accelerator.mixed_precision == "fp16":
+    if precision == "fp16":
         return "fp16 loss scaling reads its scale on the host every step (use bf16 or no)"
     if args.skip_nonfinite:
         return "--skip_nonfinite decides on the host at every step whether to step"
@@ -284,11 +290,7 @@ class Stats:
     calibration: Optional[dict] = None
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "used": self.used, "reason": self.reason, "buckets": self.buckets,
-                "train_graphs": self.train_graphs, "eval_graphs": self.eval_graphs,
-                "replayed_steps": self.replayed_steps, "eager_steps": self.eager_steps,
-                "replayed_eval_batches": self.replayed_eval_batches, "eager_eval_batches": self.eager_eval_batches,
-                "capture_seconds": round(self.capture_seconds, 4), "calibration": self.calibration}
+        return asdict(self) | {"capture_seconds": round(self.capture_seconds, 4)}
 
 
 def shape_key(batch: dict) -> tuple:

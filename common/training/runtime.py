@@ -280,10 +280,13 @@ def make_runtime(args: TrainArguments, project_dir: str, model_args=None) -> Run
     if world > 1 and state.num_processes == 1:
         raise UserError(f"the launcher started {world} processes (WORLD_SIZE={world}) but they did not join one "
                         "process group; set ACCELERATE_USE_CPU=1 or fix the accelerate config.")
-    from .capture import check_request
+    from .build import planned_optimizer
+    from .capture import check_request, reason_against
 
     check_request(args.cuda_graphs, state.device)  # --cuda_graphs on off CUDA: refused before anything is written
-    precision, why = resolve_precision(args.mixed_precision, state.device, captured=graphs_planned(args, request),
+    captured = reason_against(args, state.device, request.engine, (args.mixed_precision or "").lower(),
+                              planned_optimizer(args, state.device)) is None
+    precision, why = resolve_precision(args.mixed_precision, state.device, captured=captured,
                                        work=lambda: _work(args, model_args))
     if state.device.type == "cuda" and os.environ.get("BERT_FINETUNE_CUDNN_SDPA", "0") != "1":
         # cuDNN's attention builds a new graph for every new sequence length; with dynamic padding
@@ -317,13 +320,6 @@ def make_runtime(args: TrainArguments, project_dir: str, model_args=None) -> Run
     if fsdp_plugin is not None:
         use_fsdp_on_cpu_ranks(accelerator, fsdp_plugin)
     return Runtime(accelerator, why)
-
-
-def graphs_planned(args: TrainArguments, request) -> bool:
-    """Whether the steps will be captured as CUDA graphs (capture.static_reason, known before the Accelerator)."""
-    return (args.cuda_graphs != "off" and not args.torch_compile and not args.skip_nonfinite
-            and args.optim in ("auto", "adamw_torch_fused") and request.engine == ""
-            and args.mixed_precision not in ("fp16",))
 
 
 def _work(args: TrainArguments, model_args) -> Optional[float]:
